@@ -1,0 +1,59 @@
+"""The student: a ResNet on the equirectangular (ERP) image alone.
+
+erp [B, 3, H, W] -> pooled C-d feature -> ``proj`` (Linear(C -> feature_dim) only when
+C != feature_dim, e.g. ResNet-50's 2048; identity otherwise, as in the paper's ResNet-18)
+= the student feature f_s -> ``head`` Linear(feature_dim -> 1) = score.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from common import UserError
+from models.backbone import InputNorm, build_backbone
+
+
+class StudentNet(nn.Module):
+    """Score an omnidirectional image from its ERP projection.
+
+    Args:
+        arch: backbone, ``resnet18`` (paper), ``resnet34`` or ``resnet50``.
+        pretrained: start the backbone from torchvision's ImageNet weights.
+        weights_path: start it from this state-dict file instead (offline machines).
+        normalize: ``imagenet`` or ``none`` (the paper's ``ToTensor()``-only input).
+        feature_dim: size of the student feature; must equal the teacher's for distillation.
+    """
+
+    kind = "student"
+
+    def __init__(self, arch: str = "resnet18", pretrained: bool = True,
+                 weights_path: str | os.PathLike | None = None, normalize: str = "imagenet",
+                 feature_dim: int = 512) -> None:
+        super().__init__()
+        self.arch = arch
+        self.normalize = normalize
+        self.feature_dim = int(feature_dim)
+        self.norm = InputNorm(normalize)
+        self.backbone, channels = build_backbone(arch, pretrained=pretrained, weights_path=weights_path)
+        self.channels = channels
+        self.proj: nn.Module = nn.Linear(channels, self.feature_dim) if channels != self.feature_dim else nn.Identity()
+        self.head = nn.Linear(self.feature_dim, 1)
+
+    def features(self, erp: torch.Tensor) -> torch.Tensor:
+        """The student feature f_s: [B, 3, H, W] -> [B, feature_dim]."""
+        if erp.dim() != 4 or erp.shape[1] != 3:
+            raise UserError(f"the student takes ERP images shaped [batch, 3, H, W], got {list(erp.shape)}")
+        return self.proj(self.backbone(self.norm(erp)))
+
+    def forward(self, erp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """erp [B, 3, H, W] (uint8 or float in [0, 1]) -> (score [B], feature [B, feature_dim])."""
+        feature = self.features(erp)
+        return self.head(feature).squeeze(-1), feature
+
+    def config(self) -> dict[str, Any]:
+        """Architecture as plain types; ``models.model_from_config`` rebuilds the model from it."""
+        return {"kind": self.kind, "arch": self.arch, "normalize": self.normalize,
+                "feature_dim": self.feature_dim}

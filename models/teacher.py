@@ -1,0 +1,68 @@
+"""The teacher: one ResNet shared over the six cube faces of an omnidirectional image.
+
+faces [B, 6, 3, h, w] -> per-face pooled C-d features -> concat (6C) -> ``projector``
+Linear(6C -> feature_dim) = the teacher feature f_t -> ``head`` Linear(feature_dim -> 1) = score.
+As in the paper (ResNet-18: 6 x 512 = 3072 -> 512 -> 1).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from common import UserError
+from models.backbone import InputNorm, build_backbone
+
+FACE_LAYOUT: tuple[str, ...] = ("F", "R", "BA", "L", "T", "BO")
+NUM_FACES = len(FACE_LAYOUT)
+
+
+class TeacherNet(nn.Module):
+    """Score an omnidirectional image from its six cube faces (order ``FACE_LAYOUT``).
+
+    Args:
+        arch: backbone, ``resnet18`` (paper), ``resnet34`` or ``resnet50``.
+        pretrained: start the backbone from torchvision's ImageNet weights.
+        weights_path: start it from this state-dict file instead (offline machines).
+        normalize: ``imagenet`` or ``none`` (the paper's ``ToTensor()``-only input).
+        feature_dim: size of the teacher feature (projector output); 512 in the paper.
+    """
+
+    kind = "teacher"
+
+    def __init__(self, arch: str = "resnet18", pretrained: bool = True,
+                 weights_path: str | os.PathLike | None = None, normalize: str = "imagenet",
+                 feature_dim: int = 512) -> None:
+        super().__init__()
+        self.arch = arch
+        self.normalize = normalize
+        self.feature_dim = int(feature_dim)
+        self.num_faces = NUM_FACES
+        self.face_layout = FACE_LAYOUT
+        self.norm = InputNorm(normalize)
+        self.backbone, channels = build_backbone(arch, pretrained=pretrained, weights_path=weights_path)
+        self.channels = channels
+        self.projector = nn.Linear(NUM_FACES * channels, self.feature_dim)
+        self.head = nn.Linear(self.feature_dim, 1)
+
+    def face_features(self, faces: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features of each face: [B, 6, 3, h, w] -> [B, 6, C]."""
+        if faces.dim() != 5 or faces.shape[1] != NUM_FACES or faces.shape[2] != 3:
+            raise UserError(f"the teacher takes faces shaped [batch, {NUM_FACES}, 3, h, w], got "
+                            f"{list(faces.shape)}: extract the six cube faces ({', '.join(FACE_LAYOUT)}) first")
+        batch = faces.shape[0]
+        x = self.norm(faces).flatten(0, 1)          # [B*6, 3, h, w]: one shared backbone
+        return self.backbone(x).view(batch, NUM_FACES, self.channels)
+
+    def forward(self, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """faces [B, 6, 3, h, w] (uint8 or float in [0, 1]) -> (score [B], feature [B, feature_dim])."""
+        feature = self.projector(self.face_features(faces).flatten(1))
+        return self.head(feature).squeeze(-1), feature
+
+    def config(self) -> dict[str, Any]:
+        """Architecture as plain types; ``models.model_from_config`` rebuilds the model from it."""
+        return {"kind": self.kind, "arch": self.arch, "normalize": self.normalize,
+                "feature_dim": self.feature_dim, "num_faces": self.num_faces,
+                "face_layout": list(self.face_layout)}

@@ -1,0 +1,179 @@
+"""Tests of metrics.py: agreement with scipy, the logistic fit and its fallbacks, summaries."""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import metrics
+from common import UserError
+from metrics import (
+    evaluate,
+    fit_logistic,
+    format_results_table,
+    logistic4,
+    logistic5,
+    orient,
+    summarize,
+)
+
+PRED = np.array([0.12, 0.35, 0.2, 0.8, 0.55, 0.61, 0.9, 0.05, 0.47, 0.7, 0.33, 0.66])
+MOS = np.array([20.0, 41.0, 30.0, 77.0, 52.0, 66.0, 80.0, 15.0, 40.0, 69.0, 45.0, 60.0])
+
+
+def test_metrics_agree_with_scipy() -> None:
+    result = evaluate(PRED, MOS)
+    fit = fit_logistic(PRED, MOS)
+    fitted = fit.predict(PRED)
+    assert result["srcc"] == pytest.approx(stats.spearmanr(PRED, MOS)[0], abs=1e-6)
+    assert result["krcc"] == pytest.approx(stats.kendalltau(PRED, MOS)[0], abs=1e-6)
+    assert result["plcc"] == pytest.approx(stats.pearsonr(fitted, MOS)[0], abs=1e-6)
+    assert result["rmse"] == pytest.approx(math.sqrt(np.mean((fitted - MOS) ** 2)), abs=1e-6)
+    assert result["n"] == PRED.size and result["fit"] == "logistic4" and result["fit_fallback"] is None
+    assert result["fit_params"] == pytest.approx(list(fit.params)) and result["sign_flipped"] is False
+    # With ties, KRCC is tau-b.
+    tied = np.array([1.0, 1.0, 2.0, 3.0, 3.0, 4.0])
+    y = np.array([1.0, 2.0, 2.0, 3.0, 5.0, 4.0])
+    assert evaluate(tied, y, fit="none")["krcc"] == pytest.approx(stats.kendalltau(tied, y, variant="b")[0], abs=1e-6)
+    # fit="none": PLCC and RMSE on the raw predictions.
+    raw = evaluate(PRED * 100, MOS, fit="none")
+    assert raw["plcc"] == pytest.approx(stats.pearsonr(PRED, MOS)[0], abs=1e-6)
+    assert raw["rmse"] == pytest.approx(math.sqrt(np.mean((PRED * 100 - MOS) ** 2)), abs=1e-6)
+
+
+def test_logistic_functions_by_hand() -> None:
+    # b2 + (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) at x = b3 is the midpoint; b4's sign is ignored.
+    assert logistic4(0.5, 90.0, 10.0, 0.5, 0.1) == pytest.approx(50.0)
+    assert logistic4(0.7, 90.0, 10.0, 0.5, -0.1) == pytest.approx(10 + 80 / (1 + math.exp(-2.0)))
+    assert logistic5(2.0, 4.0, 1.0, 1.0, 0.5, 3.0) == pytest.approx(4 * (0.5 - 1 / (1 + math.e)) + 1.0 + 3.0)
+    assert np.all(np.isfinite(logistic4(np.array([-1e6, 1e6]), 1.0, 0.0, 0.0, 1e-3)))  # no overflow
+
+
+def test_fit_recovers_noise_free_logistic_parameters() -> None:
+    truth = (90.0, 10.0, 0.5, 0.15)
+    x = np.linspace(0.0, 1.0, 60)
+    y = logistic4(x, *truth)
+    fit = fit_logistic(x, y)
+    assert fit.kind == "logistic4" and fit.fallback is None and fit.init == "paper"
+    b1, b2, b3, b4 = fit.params
+    assert (b1, b2, b3, abs(b4)) == pytest.approx(truth, rel=1e-5)
+    result = evaluate(x, y)
+    assert result["plcc"] == pytest.approx(1.0, abs=1e-9)
+    assert result["rmse"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fit_on_noisy_monotone_data() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.0, 1.0, 150)
+    y = logistic4(x, 80.0, 20.0, 0.4, 0.1) + rng.normal(0.0, 3.0, x.size)
+    fit = fit_logistic(x, y)
+    assert fit.kind == "logistic4" and fit.fallback is None
+    fitted_rmse = math.sqrt(np.mean((fit.predict(x) - y) ** 2))
+    slope, intercept = np.polyfit(x, y, 1)
+    assert fitted_rmse < math.sqrt(np.mean((slope * x + intercept - y) ** 2))
+    assert fitted_rmse == pytest.approx(3.0, rel=0.2)
+    result = evaluate(x, y)
+    assert result["plcc"] > 0.95 and result["srcc"] > 0.9
+    five = evaluate(x, y, fit="logistic5")
+    assert five["fit"] == "logistic5" and five["plcc"] > 0.95
+
+
+@pytest.mark.parametrize("kind", ["logistic4", "logistic5"])
+def test_edge_cases_never_raise(kind: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no scipy noise either
+        const = evaluate(np.full(10, 3.3), MOS[:10], fit=kind)
+        assert (const["srcc"], const["krcc"], const["plcc"]) == (0.0, 0.0, 0.0)
+        assert const["fit"] == "constant" and "constant" in const["fit_fallback"]
+        assert const["rmse"] == pytest.approx(np.std(MOS[:10]))
+        three = evaluate([0.1, 0.5, 0.3], [10.0, 50.0, 40.0], fit=kind)
+        assert three["fit"] == "linear" and "3 points" in three["fit_fallback"]
+        assert three["srcc"] == pytest.approx(1.0)
+        one = evaluate([0.4], [50.0], fit=kind)
+        assert one["srcc"] == 0.0 and one["rmse"] == 0.0
+        flat_mos = evaluate(PRED, np.full(PRED.size, 50.0), fit=kind)
+        assert flat_mos["srcc"] == 0.0 and flat_mos["plcc"] == 0.0
+        for offset, scale in ((1e4, 1.0), (1e6, 1e4), (1e4, 1e-4)):
+            big = evaluate(PRED * scale + offset, MOS, fit=kind)
+            assert all(math.isfinite(big[k]) for k in ("srcc", "krcc", "plcc", "rmse"))
+            assert big["srcc"] == pytest.approx(stats.spearmanr(PRED, MOS)[0])
+            assert big["plcc"] > 0.9
+
+
+def test_huge_scale_uses_a_data_scaled_start_not_a_stuck_paper_fit() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.0, 1.0, 100)
+    y = logistic4(x, 90.0, 10.0, 0.5, 0.15) + rng.normal(0.0, 2.0, x.size)
+    reference = fit_logistic(x, y)
+    shifted = fit_logistic(x * 1e4 + 1e6, y)
+    assert shifted.kind == "logistic4" and shifted.fallback is None and shifted.init != "paper"
+    np.testing.assert_allclose(shifted.predict(x * 1e4 + 1e6), reference.predict(x), atol=1e-3)
+
+
+def test_degenerate_fit_falls_back_to_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Optimal parameters not found: Number of calls to function has reached maxfev")
+
+    monkeypatch.setattr(metrics.optimize, "curve_fit", broken)
+    fit = fit_logistic(PRED, MOS)
+    assert fit.kind == "linear" and "maxfev" in fit.fallback
+    slope, intercept = np.polyfit(PRED, MOS, 1)
+    assert fit.params == pytest.approx((slope, intercept))
+    result = evaluate(PRED, MOS)
+    assert result["plcc"] == pytest.approx(stats.pearsonr(PRED, MOS)[0], abs=1e-6)
+
+
+def test_non_finite_and_mismatched_input_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="NaN"):
+        evaluate([0.1, float("nan"), 0.3], [1.0, 2.0, 3.0])
+    with pytest.raises(UserError, match="NaN or inf"):
+        evaluate([0.1, 0.2, 0.3], [1.0, float("inf"), 3.0])
+    with pytest.raises(UserError):
+        fit_logistic([0.1, 0.2], [1.0, 2.0, 3.0])
+    with pytest.raises(UserError):
+        evaluate([], [])
+    with pytest.raises(UserError):
+        evaluate(PRED, MOS, fit="cubic")
+
+
+def test_dmos_sign_convention() -> None:
+    dmos = 100.0 - MOS  # a DMOS database: lower is better
+    # A model trained on this DMOS database regresses the DMOS: positive correlations, no flip.
+    own = evaluate(-PRED, dmos, higher_is_better=False)
+    assert own["sign_flipped"] is False and own["srcc"] > 0.9 and own["plcc"] > 0.9
+    assert evaluate(-PRED, dmos, higher_is_better=False, train_higher_is_better=False)["sign_flipped"] is False
+    # A MOS-trained model tested on the DMOS database: correlations against -DMOS, flipped.
+    cross = evaluate(PRED, dmos, higher_is_better=False, train_higher_is_better=True)
+    plain = evaluate(PRED, MOS)
+    assert cross["sign_flipped"] is True
+    for key in ("srcc", "krcc", "plcc", "rmse"):
+        assert cross[key] == pytest.approx(plain[key], rel=1e-4)  # same fit up to optimiser tolerance
+    # And the reverse: a DMOS-trained model tested on a MOS database.
+    reverse = evaluate(-PRED, MOS, higher_is_better=True, train_higher_is_better=False)
+    assert reverse["sign_flipped"] is True and reverse["srcc"] == pytest.approx(plain["srcc"])
+    np.testing.assert_array_equal(orient(dmos, higher_is_better=False), -dmos)
+    np.testing.assert_array_equal(orient(MOS, higher_is_better=True), MOS)
+
+
+def test_summarize_and_table() -> None:
+    rows = [{"fold": k + 1, "srcc": s, "krcc": 0.7, "plcc": 0.9, "rmse": r, "n": 10}
+            for k, (s, r) in enumerate([(0.9, 5.0), (0.8, 6.0), (0.95, 4.0)])]
+    summary = summarize(rows)
+    assert [row["fold"] for row in summary] == [1, 2, 3, "mean", "std", "median"]
+    assert summary[3]["srcc"] == pytest.approx(np.mean([0.9, 0.8, 0.95]))
+    assert summary[4]["srcc"] == pytest.approx(np.std([0.9, 0.8, 0.95], ddof=1))
+    assert summary[5]["rmse"] == pytest.approx(5.0)
+    assert summarize(summary) == summary  # summarising twice is harmless
+    assert math.isnan(summarize(rows[:1])[2]["srcc"])  # sample std of one fold is undefined
+    table = format_results_table(summary)
+    lines = table.splitlines()
+    assert lines[0].split() == ["fold", "srcc", "krcc", "plcc", "rmse", "n"]
+    assert any(line.startswith("mean") and "0.8833" in line for line in lines)
+    assert format_results_table(summarize(rows[:1])).count("n/a") == 4
