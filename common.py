@@ -149,3 +149,149 @@ def tensor_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# The one argparse parent every training script extends with `parents=[...]`.
+
+def training_parser(*, epochs: int = 100) -> argparse.ArgumentParser:
+    """Flags shared by teacher_train.py, mask_train.py and the cross-database scripts."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--database", help="registered name (CVIQ, OIQA, IQA-ODI, Synthetic) or a folder holding meta.csv")
+    g.add_argument("--data-root", default=None, help="folder of the registered databases (default ./data or $KDOIQA_DATA)")
+    g.add_argument("--folds-file", default=None,
+                   help="fold JSON (default <db>/folds/k5_seed<seed>.json, made if absent; "
+                        "`python dataset.py folds --authors DIR` reproduces the paper's folds)")
+    g.add_argument("--fold", type=int, default=None, help="train only this fold (0-based); default all folds")
+    g.add_argument("--face-size", type=int, default=256, help="cube-face side in pixels (paper: 256)")
+    g.add_argument("--erp-size", type=lambda s: parse_size(s, name="--erp-size"), default=(1024, 512),
+                   help="ERP input size WxH (paper: 1024x512)")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
+    g.add_argument("--cache", choices=("auto", "none", "cpu", "gpu"), default="auto",
+                   help="decode every image once and keep the uint8 pixels in memory (auto: gpu on CUDA "
+                        "when it fits, else cpu when it fits, else none)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default="resnet18")
+    g.add_argument("--no-pretrained", action="store_true", help="random initialisation (no ImageNet download)")
+    g.add_argument("--weights", default=None, metavar="PATH",
+                   help="ImageNet weights file for offline machines (torchvision's resnet18-f37072fd.pth)")
+    g.add_argument("--normalize", choices=("imagenet", "none"), default="imagenet",
+                   help="input normalisation; none = the paper's exact ToTensor() input")
+
+    g = p.add_argument_group("optimisation (paper defaults)")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=6)
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    g.add_argument("--target-scale", choices=("raw", "range"), default="raw",
+                   help="regress the raw score (the paper) or the score mapped to [0,1] by the database's range")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--select", choices=("last", "val", "test"), default="last",
+                   help="which epoch is reported: last (honest, default), best on a validation split held out "
+                        "of the training contents, or best on the test fold (the paper's protocol; optimistic)")
+    g.add_argument("--val-fraction", type=float, default=0.15, help="share of training contents held out by --select val")
+    g.add_argument("--fit", choices=("logistic4", "logistic5", "none"), default="logistic4",
+                   help="mapping fitted before PLCC/RMSE (paper: 4-parameter logistic)")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (the last epoch always)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="run folder (default runs/<script>/<database>/<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from each fold's last checkpoint")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                   help="mixed precision (auto: bf16 on CUDA, none on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (no cuDNN benchmark); CPU runs are deterministic anyway")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Validate flag values that argparse cannot (one-line errors)."""
+    if not args.database:
+        raise UserError("--database is required (a registered name or a folder holding meta.csv)")
+    for name in ("epochs", "batch_size", "face_size", "eval_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if not 0 < args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out RUN_FOLDER (the run to continue)")
+    if args.weights and not Path(args.weights).is_file():
+        raise UserError(f"{args.weights}: --weights file not found")
+
+
+def resolve_device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def make_run_dir(script: str, database_key: str, out: str | None, *, resume: bool = False) -> Path:
+    """`runs/<script>/<database>/<time>` unless --out names the folder; refuse to mix runs."""
+    import time
+
+    run_dir = Path(out) if out else Path("runs") / script / database_key / time.strftime("%Y%m%d-%H%M%S")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: is a file, expected a run folder")
+    if resume:
+        if not (run_dir / "args.json").is_file():
+            raise UserError(f"{run_dir}: nothing to resume (no args.json); drop --resume to start a run there")
+    elif run_dir.is_dir() and any(run_dir.glob("fold*/checkpoint.pt")):
+        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def save_args(run_dir: Path, args: argparse.Namespace, script: str, extra: dict | None = None) -> dict:
+    record = {"script": script, "git_commit": git_commit(), "argv": sys.argv, **jsonable(vars(args)), **(extra or {})}
+    atomic_write_json(run_dir / "args.json", record)
+    return record
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types (tuples to lists, paths to strings) for args.json and checkpoints."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    return obj
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """`torch.load(weights_only=True)`: checkpoints hold only tensors and plain types."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path}: not a KD-OIQA checkpoint (no model / model_config)")
+    return ckpt

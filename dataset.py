@@ -394,7 +394,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))  # a writable copy (torch.from_numpy needs one)
     except FileNotFoundError:
         raise UserError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
