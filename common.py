@@ -154,9 +154,24 @@ def tensor_bytes(obj: Any) -> bytes:
 # ----------------------------------------------------------------------------------------------
 # The one argparse parent every training script extends with `parents=[...]`.
 
+def runtime_parser() -> argparse.ArgumentParser:
+    """Flags of every script that runs a network: device, precision, loading, progress."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                   help="mixed precision (auto: bf16 on CUDA, none on CPU)")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
+    g.add_argument("--cache", choices=("auto", "none", "cpu", "gpu"), default="auto",
+                   help="decode every image once and keep the uint8 pixels in memory (auto: gpu on CUDA "
+                        "when it fits, else cpu when it fits, else none)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
 def training_parser(*, epochs: int = 100) -> argparse.ArgumentParser:
     """Flags shared by teacher_train.py, mask_train.py and the cross-database scripts."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, parents=[runtime_parser()])
     g = p.add_argument_group("data")
     g.add_argument("--database", help="registered name (CVIQ, OIQA, IQA-ODI, Synthetic) or a folder holding meta.csv")
     g.add_argument("--data-root", default=None, help="folder of the registered databases (default ./data or $KDOIQA_DATA)")
@@ -167,10 +182,6 @@ def training_parser(*, epochs: int = 100) -> argparse.ArgumentParser:
     g.add_argument("--face-size", type=int, default=256, help="cube-face side in pixels (paper: 256)")
     g.add_argument("--erp-size", type=lambda s: parse_size(s, name="--erp-size"), default=(1024, 512),
                    help="ERP input size WxH (paper: 1024x512)")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data-loading processes")
-    g.add_argument("--cache", choices=("auto", "none", "cpu", "gpu"), default="auto",
-                   help="decode every image once and keep the uint8 pixels in memory (auto: gpu on CUDA "
-                        "when it fits, else cpu when it fits, else none)")
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default="resnet18")
@@ -201,13 +212,10 @@ def training_parser(*, epochs: int = 100) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (default runs/<script>/<database>/<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from each fold's last checkpoint")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                   help="mixed precision (auto: bf16 on CUDA, none on CPU)")
+    g.add_argument("--save-every", type=int, default=1, help="write the resumable checkpoint every N epochs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (no cuDNN benchmark); CPU runs are deterministic anyway")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

@@ -408,7 +408,7 @@ def resize_rgb(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = pixels.shape[:2]
     if (width, height) == tuple(size):
         return pixels
-    return np.asarray(Image.fromarray(pixels).resize(tuple(size), Image.Resampling.BICUBIC))
+    return np.array(Image.fromarray(pixels).resize(tuple(size), Image.Resampling.BICUBIC))
 
 
 def is_two_to_one(width: int, height: int) -> bool:
@@ -416,9 +416,10 @@ def is_two_to_one(width: int, height: int) -> bool:
 
 
 def to_chw(pixels: np.ndarray):
+    """HxWx3 -> a new [3,H,W] tensor (one copy; decoded images are read-only, torch warns on those)."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(pixels.transpose(2, 0, 1), order="C"))
 
 
 def load_erp(db: Database, image: str, erp_size: tuple[int, int]) -> np.ndarray:

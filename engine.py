@@ -473,7 +473,7 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
         writer.flush()
         epoch_bar.set_postfix(loss=f"{record['train_loss']:.4g}",
                               srcc=f"{record.get('test_srcc', float('nan')):.3f}")
-        if is_last or epoch % max(1, getattr(args, "save_every", 1)) == 0:
+        if is_last or epoch % max(1, args.save_every) == 0:
             _save_checkpoint(ckpt_path, method, optimizer, epoch, history, selected, run)
     epoch_bar.close()
     writer.close()
@@ -552,6 +552,8 @@ def finish_run(run: Run, results: list[FoldResult]) -> pd.DataFrame:
              "n": r.metrics["n"], "fit": r.metrics.get("fit")} for r in results]
     summary = metrics.summarize(rows)
     table = pd.DataFrame(summary)
+    for column in ("epoch", "n"):
+        table[column] = table[column].astype("Int64")
     table["selection"] = SELECTION_NOTES[run.args.select]
     atomic_write_csv(run.run_dir / "results.csv", table)
     preds = pd.concat([pd.DataFrame({"fold": r.fold, "image": r.images, "mos": r.mos, "prediction": r.pred})
@@ -576,3 +578,21 @@ def copy_args(args: argparse.Namespace, **changes) -> argparse.Namespace:
     for key, value in changes.items():
         setattr(new, key, value)
     return new
+
+
+@torch.no_grad()
+def infer(model: nn.Module, store: ImageStore, images: Sequence[str], batch_size: int,
+          autocast: Callable, *, progress: bool = True, desc: str = "infer") -> tuple[np.ndarray, torch.Tensor]:
+    """Raw model outputs (score in target units, feature) of every image, in the given order."""
+    from tqdm import tqdm
+
+    model.eval()
+    scores, feats = [], []
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in store.batches(images, batch_size):
+            with autocast():
+                score, feat = model(batch["pixels"])
+            scores.append(score.float().cpu())
+            feats.append(feat.float().cpu())
+            bar.update(len(batch["images"]))
+    return torch.cat(scores).numpy().astype(np.float64), torch.cat(feats)
