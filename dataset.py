@@ -104,7 +104,7 @@ class Database:
     def scores(self, images: Sequence[str] | None = None) -> np.ndarray:
         if images is None:
             return self.meta["mos"].to_numpy(np.float64)
-        return self.meta.set_index("image").loc[list(images), "mos"].to_numpy(np.float64)
+        return self.meta.set_index("image").loc[list(images), "mos"].to_numpy(np.float64, copy=True)
 
     def refs(self, images: Sequence[str] | None = None) -> list[str]:
         if images is None:
