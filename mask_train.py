@@ -65,29 +65,30 @@ class StudentMethod(engine.Method):
             return "feature"
         return "mask"
 
-    def training_loss(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_terms(self, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
+        """The loss terms of this epoch's phase: score, and imitation / mixed when distilling."""
         score, f_s = self.forward(batch)
         f_s = f_s.float()
-        supervised = nn.functional.mse_loss(score.float(), batch["target"])
+        terms = {"score": nn.functional.mse_loss(score.float(), batch["target"])}
         phase = self.phase(epoch)
-        if phase == "supervised":
-            return supervised, {"loss_score": float(supervised.detach())}
-        f_t = batch["teacher_feature"]
         if phase == "feature":
-            imitation = nn.functional.mse_loss(f_s, f_t)
-            return supervised + self.weight * imitation, {"loss_score": float(supervised.detach()),
-                                                          "loss_imitation": float(imitation.detach())}
-        # Mask phase. The mixed-feature loss trains the policy and the head, never the trunk
-        # (f_s is detached in the mix); the trunk learns from the imitation of the mix.
-        mask = self.policy(f_s, f_t)
-        f_m = mix(f_s.detach(), f_t, mask)
-        mixed = nn.functional.mse_loss(self.model.head(f_m).squeeze(-1).float(), batch["target"])
-        imitation = nn.functional.mse_loss(f_s, f_m.detach())
-        self._mask_sum += float(mask.detach().float().mean())
-        self._mask_count += 1
-        return supervised + mixed + self.weight * imitation, {
-            "loss_score": float(supervised.detach()), "loss_mixed": float(mixed.detach()),
-            "loss_imitation": float(imitation.detach())}
+            terms["imitation"] = nn.functional.mse_loss(f_s, batch["teacher_feature"])
+        elif phase == "mask":
+            # The mixed-feature loss trains the policy and the head, never the trunk (f_s is
+            # detached in the mix); the trunk learns from imitating the mix.
+            f_t = batch["teacher_feature"]
+            mask = self.policy(f_s, f_t)
+            f_m = mix(f_s.detach(), f_t, mask)
+            terms["mixed"] = nn.functional.mse_loss(self.model.head(f_m).squeeze(-1).float(), batch["target"])
+            terms["imitation"] = nn.functional.mse_loss(f_s, f_m.detach())
+            self._mask_sum += float(mask.detach().float().mean())
+            self._mask_count += 1
+        return terms
+
+    def training_loss(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        terms = self.loss_terms(batch, epoch)
+        loss = terms["score"] + terms.get("mixed", 0.0) + self.weight * terms.get("imitation", 0.0)
+        return loss, {f"loss_{name}": float(value.detach()) for name, value in terms.items()}
 
     def epoch_scalars(self) -> dict[str, float]:
         if not self._mask_count:
