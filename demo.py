@@ -42,6 +42,11 @@ def step(title: str, argv: list[str]) -> None:
         raise UserError(f"demo step '{title}' failed (exit code {result.returncode}); see the output above")
 
 
+def resume_flag(run: Path) -> list[str]:
+    """An interrupted demo continues where it stopped."""
+    return ["--resume"] if (run / "args.json").is_file() else []
+
+
 def mean_of(run: Path, metric: str) -> float:
     table = pd.read_csv(run / "results.csv")
     return float(table.loc[table["fold"].astype(str) == "mean", metric].iloc[0])
@@ -66,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     teacher = runs / "teacher"
     if not (teacher / "results.csv").is_file():
         step("teacher on cube faces", ["teacher_train.py", "--database", str(db), "--folds-file", str(folds),
-                                       "--epochs", str(args.epochs), "--out", str(teacher), *common])
+                                       "--epochs", str(args.epochs), "--out", str(teacher), *common,
+                                       *resume_flag(teacher)])
     step("teacher features", ["feat_save.py", "--database", str(db), "--run", str(teacher), "--features-dir",
                               str(feats), "--workers", str(args.workers), "--no-progress"])
     students = {}
@@ -76,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (run / "results.csv").is_file():
             step(f"ERP student, --kd {kd}", ["mask_train.py", "--database", str(db), "--kd", kd, "--features", str(feats),
                                              "--folds-file", str(folds), "--epochs", str(args.student_epochs),
-                                             "--kd-warmup", "2", "--kd-feature-epochs", "2", "--out", str(run), *common])
+                                             "--kd-warmup", "2", "--kd-feature-epochs", "2", "--out", str(run), *common,
+                                             *resume_flag(run)])
     image = sorted((db / "images").glob("*.png"))[0]
     step("predict.py on one image", ["predict.py", str(students["mask"] / "fold0" / "checkpoint.pt"), str(image),
                                      "--no-progress"])
