@@ -49,6 +49,15 @@ def run_cli(main: Callable[[], Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Atomic writes: a killed run leaves the old file or the new one, never a torn one.
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one `os.replace`.
@@ -66,6 +75,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with contextlib.suppress(OSError):  # mkstemp makes 0600 files; outputs get the usual umask mode
+            os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):

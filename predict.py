@@ -44,7 +44,9 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     images: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # Hidden files are skipped: `.name.*.tmp.png` are temporaries of an interrupted atomic write.
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.name.startswith("."))
             if not found:
                 raise UserError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             images.extend(found)

@@ -126,3 +126,88 @@ def test_kill_and_resume_is_bit_identical(rdb, tmp_path):
     rc = pd.read_csv(resumed / "results.csv")
     np.testing.assert_allclose(rc.loc[0, metric_cols].astype(float), rb.loc[0, metric_cols].astype(float), atol=1e-6)
     _tensors_equal(b["model"], torch.load(ckpt_path, weights_only=True)["model"], "model")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Atomic writes: a process killed mid-write leaves the old file or the new one.
+
+_WRITER = r"""
+import sys, torch
+sys.path.insert(0, {repo!r})
+from common import atomic_torch_save
+i = 0
+print("ready", flush=True)
+while True:
+    i += 1
+    atomic_torch_save({{"version": i, "blob": torch.full((3_000_000,), float(i))}}, {target!r})
+"""
+
+
+def test_killed_writer_never_tears_the_file(tmp_path):
+    target = tmp_path / "out" / "checkpoint.pt"
+    common.atomic_torch_save({"version": 0, "blob": torch.zeros(3_000_000)}, target)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(repo=str(REPO), target=str(target))],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.05, 0.6)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        record = torch.load(target, weights_only=True)  # never torn
+        assert torch.equal(record["blob"], torch.full((3_000_000,), float(record["version"])))
+        seen.add(record["version"])
+    assert seen != {0}, "the writer never replaced the file"
+    # Leftover temporaries are hidden (.checkpoint.*.tmp.pt) and never take an output's name.
+    leftovers = [p.name for p in target.parent.iterdir() if p != target]
+    assert all(name.startswith(".checkpoint.") and ".tmp" in name for name in leftovers), leftovers
+    assert [p for p in target.parent.glob("*.pt") if not p.name.startswith(".")] == [target]
+
+
+def test_atomic_outputs_keep_the_usual_mode(tmp_path):
+    common.atomic_write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_writers_use_atomic_helpers():
+    """Every writer of checkpoints, features, results, predictions, folds, meta.csv and args.json."""
+    offenders = []
+    for path in sorted(REPO.glob("*.py")) + sorted(REPO.glob("viewport/*.py")) + sorted(REPO.glob("models/*.py")):
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if "torch.save(" in code and "buffer" not in code and "tmp" not in code:
+                offenders.append(f"{path.name}:{lineno}: {line.strip()}")
+            if (".to_csv(" in code or ".write_text(" in code) and "tmp" not in code and "staging" not in code:
+                offenders.append(f"{path.name}:{lineno}: {line.strip()}")
+    assert not offenders, offenders
+
+
+def test_disk_full_is_one_line(rdb, tmp_path, monkeypatch, capsys):
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "k2.json"))
+
+    import dataset
+
+    monkeypatch.setattr(dataset, "atomic_write_json", full)
+    with pytest.raises(SystemExit) as exc:
+        common.run_cli(lambda: dataset.main(["folds", "--database", str(rdb["db"]), "--k", "2",
+                                             "--out", str(tmp_path / "out" / "k2.json")]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "k2.json" in err[0]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_output_folder_is_one_line(rdb, tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        proc = run_script("dataset.py", "folds", "--database", str(rdb["db"]), "--k", "2", "--out", str(out / "f.json"))
+        assert_one_line_error(proc, "Permission denied")
+    finally:
+        out.chmod(0o700)
