@@ -261,19 +261,30 @@ def resolve_device(name: str | None):
     return device
 
 
-def make_run_dir(script: str, database_key: str, out: str | None, *, resume: bool = False) -> Path:
-    """`runs/<script>/<database>/<time>` unless --out names the folder; refuse to mix runs."""
+def make_run_dir(script: str, database_key: str, out: str | None, *, resume: bool = False,
+                 create: bool = True) -> Path:
+    """`runs/<script>/<database>/<time>` unless --out names the folder; refuse to mix runs.
+
+    With `create=False` it only validates: the caller makes the folder once every input is checked,
+    so that a bad input leaves nothing behind.
+    """
     import time
 
     run_dir = Path(out) if out else Path("runs") / script / database_key / time.strftime("%Y%m%d-%H%M%S")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: is a file, expected a run folder")
+    for parent in run_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{parent}: is a file, expected a folder (in the run folder path {run_dir})")
+            break
     if resume:
         if not (run_dir / "args.json").is_file():
             raise UserError(f"{run_dir}: nothing to resume (no args.json); drop --resume to start a run there")
     elif run_dir.is_dir() and any(run_dir.glob("fold*/checkpoint.pt")):
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -309,8 +320,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0][:120]})") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, TypeError, AttributeError) as err:
+        # A torn or foreign file (torch raises OSError 'Invalid argument' on a cut zip archive).
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path}: not a KD-OIQA checkpoint (no model / model_config)")
     return ckpt

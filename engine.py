@@ -283,6 +283,16 @@ class Run:
     progress: bool
     test_db: Database | None = None        # cross-database: scored on another database
     extra: dict = field(default_factory=dict)
+    opened: bool = False
+
+    def open(self) -> Path:
+        """Create the run folder and write args.json, once: deferred until the data are decoded and
+        every input is checked, so that a bad input leaves no half-made run behind."""
+        if not self.opened:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_args(self.run_dir, self.args, self.script, self.extra)
+            self.opened = True
+        return self.run_dir
 
     @property
     def eval_db(self) -> Database:
@@ -307,7 +317,7 @@ def start_run(script: str, args: argparse.Namespace, *, db: Database | None = No
     if args.fold is not None and not 0 <= args.fold < len(folds):
         raise UserError(f"--fold {args.fold} is out of range: the fold file has folds 0..{len(folds) - 1}")
     fold_ids = [args.fold] if args.fold is not None else list(range(len(folds)))
-    run_dir = make_run_dir(script, run_key or database_key(db), args.out, resume=args.resume)
+    run_dir = make_run_dir(script, run_key or database_key(db), args.out, resume=args.resume, create=False)
     if args.resume:
         _check_resume_args(run_dir, args)
     if device.type == "cuda":
@@ -320,7 +330,6 @@ def start_run(script: str, args: argparse.Namespace, *, db: Database | None = No
              "folds_path": str(folds.path) if folds.path else None, "device_used": str(device)}
     if test_db is not None:
         extra.update(test_database_name=test_db.name, test_database_root=str(test_db.root))
-    save_args(run_dir, args, script, extra)
     progress = not args.no_progress
     print(f"{script}: {db.name} ({len(db)} images), {len(fold_ids)} fold(s), run folder {run_dir}", flush=True)
     if args.select == "test":
@@ -333,7 +342,12 @@ _RESUME_CRITICAL = ("database", "arch", "epochs", "batch_size", "lr", "weight_de
 
 
 def _check_resume_args(run_dir: Path, args: argparse.Namespace) -> None:
-    saved = json.loads((run_dir / "args.json").read_text())
+    try:
+        saved = json.loads((run_dir / "args.json").read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{run_dir / 'args.json'}: unreadable ({err}); cannot check the run to resume") from None
     for key in _RESUME_CRITICAL:
         if key in saved and hasattr(args, key) and jsonable(getattr(args, key)) != saved[key]:
             raise UserError(f"{run_dir / 'args.json'}: --{key.replace('_', '-')} was {saved[key]!r} in this run, "
@@ -390,7 +404,7 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
     from tqdm import tqdm
 
     args, device = run.args, run.device
-    fold_dir = run.run_dir / f"fold{k}"
+    fold_dir = run.open() / f"fold{k}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     train_images, val_images = list(split.train), []
     if args.select == "val":
@@ -548,6 +562,7 @@ def _write_fold_outputs(run: Run, fold_dir: Path, res: FoldResult) -> None:
 
 def finish_run(run: Run, results: list[FoldResult]) -> pd.DataFrame:
     """results.csv (a row per fold, then mean, std and median), predictions.csv, the printed table."""
+    run.open()
     rows = [{"fold": r.fold, "epoch": r.epoch, **{m: r.metrics[m] for m in ("srcc", "krcc", "plcc", "rmse")},
              "n": r.metrics["n"], "fit": r.metrics.get("fit")} for r in results]
     summary = metrics.summarize(rows)
@@ -571,6 +586,21 @@ def load_run_checkpoint(run_dir: Path, fold: int) -> tuple[dict, Path]:
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint for fold {fold}; train it first (or check --run)")
     return load_checkpoint(path), path
+
+
+def model_from_checkpoint(ckpt: dict, path: Path) -> nn.Module:
+    """The checkpoint's model with its weights; a foreign architecture or layout is one line naming the file."""
+    from models import model_from_config
+
+    try:
+        model = model_from_config(ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+    except (RuntimeError, TypeError, KeyError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: its weights do not fit its model_config {ckpt.get('model_config')} ({first})") from None
+    return model
 
 
 def copy_args(args: argparse.Namespace, **changes) -> argparse.Namespace:

@@ -18,7 +18,6 @@ from pathlib import Path
 import engine
 from common import UserError, resolve_device, run_cli, runtime_parser, sha256_file
 from dataset import database_key, load_database, load_folds
-from models import model_from_config
 from teacher_features import fold_feature_path, save_features
 
 
@@ -75,8 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         if ckpt["epoch"] < ckpt["epochs"]:
             raise UserError(f"{ckpt_path}: fold {k} stopped at epoch {ckpt['epoch']} of {ckpt['epochs']}; "
                             f"finish it with teacher_train.py --resume --out {args.run}")
-        model = model_from_config(ckpt["model_config"]).to(device)
-        model.load_state_dict(ckpt["model"])
+        model = engine.model_from_checkpoint(ckpt, ckpt_path).to(device)
         _, feats = engine.infer(model, store, db.images, args.batch_size, autocast,
                                 progress=not args.no_progress, desc=f"features fold {k}")
         out = fold_feature_path(features_dir, k)

@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.kd != "none":
         # The student must use the teacher's folds: its features of a test image were made by a
         # teacher that never trained on it.
-        teacher = peek_features(fold_feature_path(features_dir, args.fold or 0), rebuild)
+        # Any fold's file carries the teacher's provenance; an out-of-range --fold is refused below.
+        peek_fold = args.fold if args.fold is not None and fold_feature_path(features_dir, args.fold).is_file() else 0
+        teacher = peek_features(fold_feature_path(features_dir, peek_fold), rebuild)
         folds_file = folds_file or teacher["teacher_args"].get("folds_path")
         rebuild = teacher.get("rebuild") or rebuild
     folds = resolve_folds(db, folds_file, seed=args.seed)

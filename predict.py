@@ -23,7 +23,6 @@ import torch
 import engine
 from common import UserError, atomic_write_csv, load_checkpoint, resolve_device, run_cli
 from dataset import IMAGE_SUFFIXES, is_two_to_one, read_rgb, resize_rgb, to_chw
-from models import model_from_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{args.checkpoint}: unknown model kind {kind!r}")
     paths = collect_images(args.inputs)
     device = resolve_device(args.device)
-    model = model_from_config(ckpt["model_config"]).to(device).eval()
-    model.load_state_dict(ckpt["model"])
+    model = engine.model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
     train_args = ckpt["args"]
     erp_size = tuple(train_args.get("erp_size", (1024, 512)))
     face_size = int(train_args.get("face_size", 256))

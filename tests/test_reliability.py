@@ -110,7 +110,7 @@ def test_kill_and_resume_is_bit_identical(rdb, tmp_path):
     _tensors_equal(a["model"], b["model"], "model")
     _tensors_equal(a["modules"], b["modules"], "modules")
     _tensors_equal(a["optimizer"], b["optimizer"], "optimizer")
-    strip = lambda hist: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in hist]  # noqa: E731
+    strip = lambda hist: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in hist]
     assert strip(a["history"]) == strip(b["history"])
     ra, rb = pd.read_csv(straight / "results.csv"), pd.read_csv(resumed / "results.csv")
     metric_cols = ["srcc", "krcc", "plcc", "rmse"]
@@ -211,3 +211,243 @@ def test_read_only_output_folder_is_one_line(rdb, tmp_path):
         assert_one_line_error(proc, "Permission denied")
     finally:
         out.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Bad input, everywhere: one line naming the file and the problem, exit code 2, nothing written.
+
+def cli(capsys, main, argv: list[str]) -> str:
+    """Run a script's main in-process through run_cli; return its one error line (exit code 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        common.run_cli(lambda: main(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _copy_db(rdb, tmp_path: Path, name: str = "Copy") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(rdb["db"], dst)
+    return dst
+
+
+GOOD_META = None  # filled lazily from the fixture's meta.csv
+
+
+def _meta_lines(rdb) -> list[str]:
+    return (rdb["db"] / "meta.csv").read_text().splitlines()
+
+
+BAD_META = {
+    "missing column": (lambda L: [L[0].replace(",ref", ",content")] + L[1:], "missing column(s) ref"),
+    "extra column": (lambda L: [L[0] + ",comment"] + [x + ",hi" for x in L[1:]], "unexpected column(s) 'comment'"),
+    "ragged row": (lambda L: L[:2] + [L[2] + ",1,2,3"] + L[3:], "meta.csv"),
+    "short row": (lambda L: L[:2] + [L[2].split(",")[0]] + L[3:], "row 3"),
+    "absolute path": (lambda L: L[:2] + ["/etc/passwd.png" + L[2][L[2].index(","):]] + L[3:], "absolute image path"),
+    "escaping path": (lambda L: L[:2] + ["images/../../x.png" + L[2][L[2].index(","):]] + L[3:], "leaves the database"),
+    "nan score": (lambda L: L[:3] + [L[3].replace(L[3].split(",")[1], "nan")] + L[4:], "row 4: mos"),
+    "text score": (lambda L: L[:3] + [L[3].replace(L[3].split(",")[1], "good")] + L[4:], "row 4: mos 'good'"),
+    "duplicate": (lambda L: L + [L[1]], "duplicate image"),
+    "empty file": (lambda L: [], "empty file"),
+    "header only": (lambda L: L[:1], "no rows"),
+    "binary": (lambda L: ["\x00\xff\xfe garbage"], "meta.csv"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_META))
+def test_bad_meta_csv(rdb, tmp_path, capsys, case):
+    import dataset
+
+    root = _copy_db(rdb, tmp_path)
+    edit, needle = BAD_META[case]
+    lines = edit(_meta_lines(rdb))
+    (root / "meta.csv").write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8",
+                                   errors="surrogateescape")
+    err = cli(capsys, dataset.main, ["info", "--database", str(root)])
+    assert "meta.csv" in err and needle in err, err
+    out = tmp_path / "run"
+    err = cli(capsys, teacher_train.main, ["--database", str(root), "--epochs", "1", "--out", str(out), *FAST])
+    assert "meta.csv" in err and needle in err, err
+    assert not out.exists()
+    assert not (root / "folds" / "k5_seed2023.json").exists()
+
+
+def test_meta_with_bom_and_quotes_works(rdb, tmp_path, capsys):
+    import dataset
+
+    root = _copy_db(rdb, tmp_path)
+    lines = _meta_lines(rdb)
+    quoted = [lines[0]] + [f'"{x.split(",")[0]}",' + ",".join(x.split(",")[1:]) for x in lines[1:]]
+    (root / "meta.csv").write_bytes(("\ufeff" + "\n".join(quoted) + "\n").encode("utf-8"))
+    dataset.main(["info", "--database", str(root)])
+    assert "12 images of 4 contents" in capsys.readouterr().out
+    db = load_database(root)
+    assert db.images == load_database(rdb["db"]).images
+
+
+def test_missing_and_truncated_images(rdb, tmp_path, capsys):
+    import dataset
+
+    root = _copy_db(rdb, tmp_path)
+    (root / "images" / "c1_blur2.png").unlink()
+    err = cli(capsys, dataset.main, ["info", "--database", str(root)])
+    assert "meta.csv" in err and "missing" in err and "c1_blur2.png" in err
+    out = tmp_path / "run"
+    err = cli(capsys, teacher_train.main, ["--database", str(root), "--epochs", "1", "--out", str(out), *FAST])
+    assert "c1_blur2.png" in err and not out.exists()
+
+    root = _copy_db(rdb, tmp_path, "Trunc")
+    data = (root / "images" / "c2_blur1.png").read_bytes()
+    (root / "images" / "c2_blur1.png").write_bytes(data[: len(data) // 2])
+    for argv_main, argv in ((teacher_train.main, ["--epochs", "1", "--faces", "online", *FAST]),):
+        err = cli(capsys, argv_main, ["--database", str(root), "--folds-file", str(rdb["folds"]), "--out", str(out),
+                                      *argv])
+        assert "c2_blur1.png" in err and ("unreadable" in err or "truncated" in err), err
+        assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+
+
+def test_fold_file_of_another_database(rdb, tmp_path, capsys):
+    other = make_tiny_db(tmp_path / "Other", contents=3, seed=5)
+    (other / "images" / "c0_blur0.png").rename(other / "images" / "zz.png")
+    meta = (other / "meta.csv").read_text().replace("c0_blur0.png", "zz.png")
+    (other / "meta.csv").write_text(meta)
+    out = tmp_path / "run"
+    err = cli(capsys, teacher_train.main, ["--database", str(other), "--folds-file", str(rdb["folds"]),
+                                           "--out", str(out), *FAST])
+    assert "k2_seed1.json" in err and "another database" in err and not out.exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"folds": [{"train": ["images/c0_blur0.png"], "test": ["images/c0_blur0.png"]}]}')
+    err = cli(capsys, teacher_train.main, ["--database", str(rdb["db"]), "--folds-file", str(bad),
+                                           "--out", str(out), *FAST])
+    assert "bad.json" in err and "both in train and test" in err and not out.exists()
+
+
+def test_fold_out_of_range_everywhere(rdb, teacher_run, tmp_path, capsys):
+    import feat_save
+    import mask_train
+
+    out = tmp_path / "run"
+    for main, argv in ((teacher_train.main, ["--fold", "2", "--out", str(out), *FAST]),
+                       (teacher_train.main, ["--fold", "-1", "--out", str(out), *FAST]),
+                       (mask_train.main, ["--kd", "none", "--fold", "5", "--out", str(out), *FAST]),
+                       (mask_train.main, ["--kd", "mask", "--features", str(tmp_path / "f"), "--fold", "5",
+                                          "--out", str(out), *FAST]),
+                       (feat_save.main, ["--run", str(teacher_run), "--fold", "3", "--features-dir",
+                                         str(tmp_path / "f"), "--workers", "0", "--no-progress"])):
+        err = cli(capsys, main, ["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), *argv]
+                  if main is not feat_save.main else ["--database", str(rdb["db"]), *argv])
+        # (mask KD without any feature file: the missing cache is reported first, also fine)
+        assert ("--fold" in err and "out of range" in err) or "no teacher features" in err, err
+        assert not out.exists() and not (tmp_path / "f").exists()
+
+
+@pytest.fixture(scope="module")
+def teacher_run(rdb, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    teacher_train.main(["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), "--fold", "0",
+                        "--epochs", "1", "--out", str(run), *FAST])
+    return run
+
+
+def test_output_path_is_a_file(rdb, teacher_run, tmp_path, capsys):
+    import feat_save
+    import predict
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    err = cli(capsys, teacher_train.main, ["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]),
+                                           "--out", str(afile), *FAST])
+    assert "afile" in err and "is a file" in err
+    err = cli(capsys, feat_save.main, ["--database", str(rdb["db"]), "--run", str(teacher_run), "--features-dir",
+                                       str(afile), "--workers", "0", "--no-progress"])
+    assert "afile" in err and "is a file" in err
+    assert afile.read_text() == "keep me"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    image = rdb["db"] / "images" / "c0_blur0.png"
+    err = cli(capsys, predict.main, [str(teacher_run / "fold0" / "checkpoint.pt"), str(image), "--csv", str(folder),
+                                     "--no-progress", "--device", "cpu"])
+    assert "folder" in err and "--csv" in err
+    assert list(folder.iterdir()) == []
+
+
+def test_checkpoint_of_another_layout_or_arch(rdb, teacher_run, tmp_path, capsys):
+    import predict
+
+    ckpt = torch.load(teacher_run / "fold0" / "checkpoint.pt", weights_only=True)
+    image = str(rdb["db"] / "images" / "c0_blur0.png")
+    altered = dict(ckpt, model_config={**ckpt["model_config"], "face_layout": ["F", "L", "BA", "R", "T", "BO"]})
+    path = tmp_path / "layout.pt"
+    torch.save(altered, path)
+    err = cli(capsys, predict.main, [str(path), image, "--no-progress", "--device", "cpu"])
+    assert "layout.pt" in err and "face" in err
+    altered = dict(ckpt, model_config={**ckpt["model_config"], "arch": "resnet34"})
+    path = tmp_path / "arch.pt"
+    torch.save(altered, path)
+    err = cli(capsys, predict.main, [str(path), image, "--no-progress", "--device", "cpu"])
+    assert "arch.pt" in err
+    path = tmp_path / "torn.pt"
+    path.write_bytes((teacher_run / "fold0" / "checkpoint.pt").read_bytes()[:5000])
+    err = cli(capsys, predict.main, [str(path), image, "--no-progress", "--device", "cpu"])
+    assert "torn.pt" in err and "not a readable checkpoint" in err
+
+
+def test_resume_onto_a_run_of_another_arch(rdb, tmp_path, capsys):
+    import mask_train
+
+    run = tmp_path / "student"
+    base = ["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), "--kd", "none", "--fold", "0",
+            "--epochs", "2", *FAST]
+    (run / "fold0").mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"script": "mask_train", "arch": "resnet34", "epochs": 2}))
+    err = cli(capsys, mask_train.main, [*base, "--arch", "resnet18", "--out", str(run), "--resume"])
+    assert "args.json" in err and "--arch" in err and "resnet34" in err
+    (run / "args.json").write_text("{not json")
+    err = cli(capsys, mask_train.main, [*base, "--out", str(run), "--resume"])
+    assert "args.json" in err
+    assert sorted(p.name for p in run.rglob("*")) == ["args.json", "fold0"]
+
+
+def test_features_of_another_database_or_fold(rdb, tmp_path, capsys):
+    import dataclasses
+
+    import mask_train
+    from teacher_features import save_features
+
+    db = load_database(rdb["db"])
+    folds = json.loads(rdb["folds"].read_text())["folds"]
+    dummy = tmp_path / "teacher.pt"
+    dummy.write_bytes(b"x")
+    feats = tmp_path / "features"
+    teacher_args = {"folds_path": str(rdb["folds"])}
+
+    def write(fold_file: int, *, fold: int, database) -> None:
+        save_features(feats / f"fold{fold_file}.pt", db=database, names=db.images, feats=torch.zeros(len(db), 512),
+                      checkpoint=dummy, checkpoint_sha256=common.sha256_file(dummy), face_size=32, fold=fold,
+                      test_images=folds[fold]["test"], teacher_args=teacher_args, rebuild="python feat_save.py ...")
+
+    out = tmp_path / "run"
+    base = ["--database", str(rdb["db"]), "--features", str(feats), "--fold", "0", "--epochs", "1",
+            "--out", str(out), *FAST]
+    write(0, fold=1, database=db)
+    err = cli(capsys, mask_train.main, base)
+    assert "fold0.pt" in err and "fold 1" in err and "feat_save.py" in err and not out.exists()
+    write(0, fold=0, database=dataclasses.replace(db, name="Other"))
+    err = cli(capsys, mask_train.main, base)
+    assert "fold0.pt" in err and "'Other'" in err and not out.exists()
+    (feats / "fold0.pt").write_bytes(b"garbage")
+    err = cli(capsys, mask_train.main, base)
+    assert "fold0.pt" in err and not out.exists()
+
+
+def test_subprocess_errors_are_one_line(rdb, tmp_path):
+    """The same contract through real processes (exit code 2, one stderr line)."""
+    root = _copy_db(rdb, tmp_path)
+    (root / "meta.csv").write_text("image,mos\nimages/c0_blur0.png,1\n")
+    assert_one_line_error(run_script("dataset.py", "info", "--database", str(root)), "meta.csv", "missing column")
+    out = tmp_path / "run"
+    assert_one_line_error(run_script("teacher_train.py", "--database", str(root), "--out", str(out), *FAST),
+                          "meta.csv")
+    assert not out.exists()
