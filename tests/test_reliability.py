@@ -451,3 +451,79 @@ def test_subprocess_errors_are_one_line(rdb, tmp_path):
     assert_one_line_error(run_script("teacher_train.py", "--database", str(root), "--out", str(out), *FAST),
                           "meta.csv")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Safe loading: every torch.load is weights_only=True; every kind of file loads that way.
+
+def test_every_torch_load_is_weights_only():
+    offenders = []
+    for path in sorted(REPO.glob("*.py")) + sorted(REPO.glob("viewport/*.py")) + sorted(REPO.glob("models/*.py")):
+        text = path.read_text()
+        start = 0
+        while (i := text.find("torch.load(", start)) >= 0:
+            call = text[i:text.find(")", i) + 1]
+            if "weights_only=True" not in call:
+                offenders.append(f"{path.name}: {call}")
+            start = i + 1
+    assert not offenders, offenders
+
+
+def _plain(obj, where: str = "") -> None:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            assert isinstance(key, (str, int)), f"{where}: key {key!r}"
+            _plain(value, f"{where}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _plain(value, f"{where}[{i}]")
+    else:
+        assert obj is None or isinstance(obj, (torch.Tensor, str, int, float, bool)), f"{where}: {type(obj)}"
+
+
+def test_each_kind_loads_weights_only(rdb, teacher_run, tmp_path):
+    import feat_save
+    import mask_train
+
+    feats = tmp_path / "features"
+    feat_save.main(["--database", str(rdb["db"]), "--run", str(teacher_run), "--features-dir", str(feats),
+                    "--workers", "0", "--no-progress"])
+    student = tmp_path / "student"
+    mask_train.main(["--database", str(rdb["db"]), "--features", str(feats), "--fold", "0", "--epochs", "1",
+                     "--kd-warmup", "0", "--kd-feature-epochs", "0", "--out", str(student), *FAST])
+    files = {"teacher": teacher_run / "fold0" / "checkpoint.pt", "student": student / "fold0" / "checkpoint.pt",
+             "features": feats / "fold0.pt"}
+    for kind, path in files.items():
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        _plain(record, kind)
+        if kind == "features":
+            assert record["feats"].shape == (12, 512) and record["face_layout"] == ["F", "R", "BA", "L", "T", "BO"]
+        else:
+            assert record["kind"] == kind and record["epoch"] == 1
+            assert common.load_checkpoint(path)["model_config"]["kind"] == kind
+    assert set(torch.load(files["student"], weights_only=True)["modules"]) == {"model", "policy"}
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Determinism: the same seed gives the same folds and the same CPU results.
+
+def test_same_seed_same_folds(rdb):
+    db = load_database(rdb["db"])
+    a, b, c = make_folds(db, 2, seed=5), make_folds(db, 2, seed=5), make_folds(db, 3, seed=6)
+    assert a.to_json() == b.to_json()
+    assert a.to_json() != c.to_json()
+    for fold in a.folds:  # content-disjoint and complete
+        assert sorted(fold.train + fold.test) == sorted(db.images)
+        assert not set(db.refs(fold.train)) & set(db.refs(fold.test))
+
+
+def test_same_seed_same_results(rdb, tmp_path):
+    import mask_train
+
+    tables = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        mask_train.main(["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), "--kd", "none",
+                         "--fold", "1", "--epochs", "2", "--out", str(out), *FAST])
+        tables.append(((out / "results.csv").read_text(), (out / "predictions.csv").read_text()))
+    assert tables[0] == tables[1]
