@@ -28,8 +28,18 @@ class UserError(Exception):
     """A problem with the user's input or environment, reported as one line with exit code 2."""
 
 
+def _argparse_error(self: argparse.ArgumentParser, message: str) -> None:
+    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run a script's `main`, turning user errors into one line on stderr and exit code 2."""
+    """Run a script's `main`, turning user errors into one line on stderr and exit code 2.
+
+    argparse's own errors (a bad flag value, a missing argument) become that one line too,
+    instead of the usage block plus the message.
+    """
+    parser_error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _argparse_error  # type: ignore[method-assign]
     try:
         result = main()
     except UserError as err:
@@ -42,6 +52,8 @@ def run_cli(main: Callable[[], Any]) -> None:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        argparse.ArgumentParser.error = parser_error  # type: ignore[method-assign]
     if isinstance(result, int):
         sys.exit(result)
 
@@ -322,7 +334,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, TypeError, AttributeError) as err:
         # A torn or foreign file (torch raises OSError 'Invalid argument' on a cut zip archive).
+        import zipfile
+
         first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        if not zipfile.is_zipfile(path):
+            first = "not a PyTorch zip archive: a torn copy or another kind of file"
+        elif "Weights only load failed" in first:
+            first = "it holds objects other than tensors and plain types, refused by torch.load(weights_only=True)"
         raise UserError(f"{path}: not a readable checkpoint ({first})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path}: not a KD-OIQA checkpoint (no model / model_config)")

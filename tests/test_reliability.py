@@ -527,3 +527,33 @@ def test_same_seed_same_results(rdb, tmp_path):
                          "--fold", "1", "--epochs", "2", "--out", str(out), *FAST])
         tables.append(((out / "results.csv").read_text(), (out / "predictions.csv").read_text()))
     assert tables[0] == tables[1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["teacher_train", "--database", "X", "--epochs", "abc"],
+    ["mask_train", "--kd", "bogus"],
+    ["img_resize", "--database", "X", "--erp-size", "0x5"],
+    ["predict"],
+    ["dataset", "folds"],
+    ["make_synthetic_db", "--out", "x", "--contents", "0"],
+])
+def test_argparse_errors_are_one_line(argv, capsys):
+    import importlib
+
+    err = cli(capsys, importlib.import_module(argv[0]).main, argv[1:])
+    assert "--help" in err
+
+
+def test_argparse_error_one_line_in_a_process():
+    assert_one_line_error(run_script("dataset.py", "folds", "--k", "x"), "dataset.py folds", "--k", "--help")
+
+
+def test_pickled_objects_are_refused(tmp_path, capsys):
+    import argparse
+
+    import predict
+
+    path = tmp_path / "pickled.pt"
+    torch.save({"model": argparse.Namespace(a=1), "model_config": {}}, path)  # not weights-only loadable
+    err = cli(capsys, predict.main, [str(path), str(tmp_path / "x.png")])
+    assert "pickled.pt" in err and "weights_only" in err
