@@ -80,6 +80,21 @@ def check_sources(db: Database, outputs_of: dict[str, Sequence[Path]]) -> None:
             owner[out] = image
 
 
+def check_readable(db: Database, images: Iterable[str]) -> None:
+    """A cheap pass before anything is written: every source opens as an image and its chunks are whole
+    (PIL's verify: PNG CRCs and truncation), so a bad file is reported before a half-made output folder."""
+    from PIL import Image
+
+    for image in images:
+        path = db.path(image)
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as err:  # noqa: BLE001 - PIL raises many kinds on a bad file
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserError(f"{path}: unreadable image ({type(err).__name__}: {detail})") from None
+
+
 def warn(message: str) -> None:
     """One line on stderr that does not break a running progress bar."""
     from tqdm import tqdm
@@ -146,6 +161,7 @@ def resize_database(db: Database, erp_size: tuple[int, int] = (1024, 512), worke
             summary.skipped.append(image)
         else:
             todo.append(image)
+    check_readable(db, todo)
     bar = progress_bar(len(todo), f"erp_{erp_size[0]}x{erp_size[1]}", progress)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(_resize_one, db, image, erp_size): image for image in todo}

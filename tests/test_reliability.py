@@ -557,3 +557,19 @@ def test_pickled_objects_are_refused(tmp_path, capsys):
     torch.save({"model": argparse.Namespace(a=1), "model_config": {}}, path)  # not weights-only loadable
     err = cli(capsys, predict.main, [str(path), str(tmp_path / "x.png")])
     assert "pickled.pt" in err and "weights_only" in err
+
+
+def test_derived_image_scripts_refuse_a_truncated_image_before_writing(rdb, tmp_path, capsys):
+    import img_resize
+    import importlib
+
+    extract = importlib.import_module("viewport.extract")
+
+    root = _copy_db(rdb, tmp_path, "Trunc")
+    data = (root / "images" / "c3_blur2.png").read_bytes()
+    (root / "images" / "c3_blur2.png").write_bytes(data[: len(data) // 2])
+    err = cli(capsys, img_resize.main, ["--database", str(root), "--erp-size", "64x32", "--no-progress"])
+    assert "c3_blur2.png" in err and "unreadable" in err
+    err = cli(capsys, extract.main, ["--database", str(root), "--size", "16", "--device", "cpu", "--no-progress"])
+    assert "c3_blur2.png" in err and "unreadable" in err
+    assert sorted(p.name for p in root.iterdir()) == ["folds", "images", "meta.csv"]

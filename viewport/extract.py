@@ -29,6 +29,7 @@ from dataset import Database, is_two_to_one, load_database, read_rgb
 from img_resize import (
     Summary,
     add_database_args,
+    check_readable,
     check_sources,
     check_workers,
     default_workers,
@@ -71,6 +72,7 @@ def extract_database(db: Database, size: int = 256, device: str | None = None, w
             summary.skipped.append(image)
         else:
             todo.append(image)
+    check_readable(db, todo)
 
     bar = progress_bar(len(todo), f"faces_{size}", progress)
     pool = ThreadPoolExecutor(max_workers=workers)
