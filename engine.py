@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 import metrics
-from common import (UserError, atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json, jsonable,
+from common import (UserError, atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json,
+                    atomic_write_text, jsonable,
                     load_checkpoint, make_run_dir, resolve_device, save_args, seed_everything)
 from dataset import Database, FoldSet, FoldSplit, ImageDataset, database_key, holdout_validation, load_database, resolve_folds
 
@@ -302,6 +303,25 @@ class Run:
         with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(jsonable(record)) + "\n")
 
+    def trim_log(self, fold: int, start_epoch: int) -> None:
+        """Drop fold `fold`'s records from `start_epoch` on (an interrupted run logged epochs after its
+        last checkpoint): a resumed run's log.jsonl reads as if it had never stopped."""
+        path = self.run_dir / "log.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+                stale = record.get("fold") == fold and record.get("epoch", 0) >= start_epoch
+            except (ValueError, AttributeError):  # a line torn by the kill
+                stale = True
+            if not stale:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(kept))
+
 
 def start_run(script: str, args: argparse.Namespace, *, db: Database | None = None, folds: FoldSet | None = None,
               test_db: Database | None = None, run_key: str | None = None) -> Run:
@@ -430,6 +450,7 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
     else:
         mean_target = float(scale.to_target(torch.from_numpy(run.db.scores(train_images))).mean())
         method.init_output(mean_target)
+    run.trim_log(k, start_epoch)
     if args.compile and device.type == "cuda":
         method.runner = torch.compile(method.model)  # state dicts keep coming from the eager module
 

@@ -112,6 +112,9 @@ def test_kill_and_resume_is_bit_identical(rdb, tmp_path):
     _tensors_equal(a["optimizer"], b["optimizer"], "optimizer")
     strip = lambda hist: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in hist]
     assert strip(a["history"]) == strip(b["history"])
+    # Epochs logged after the last checkpoint by the killed process are not repeated.
+    logs = [strip(json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()) for d in (straight, resumed)]
+    assert logs[0] == logs[1] and [r["epoch"] for r in logs[1]] == [1, 2, 3, 4]
     ra, rb = pd.read_csv(straight / "results.csv"), pd.read_csv(resumed / "results.csv")
     metric_cols = ["srcc", "krcc", "plcc", "rmse"]
     np.testing.assert_allclose(ra.loc[0, metric_cols].astype(float), rb.loc[0, metric_cols].astype(float), atol=1e-6)
