@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.csv is not None:  # checked before any work: a bad --csv leaves nothing half-done
+        if args.csv.is_dir():
+            raise UserError(f"{args.csv}: is a folder; --csv takes a file path")
+        blocking = next((p for p in args.csv.parents if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise UserError(f"{blocking}: is a file, so --csv {args.csv} cannot be written")
     ckpt = load_checkpoint(args.checkpoint)
     kind = ckpt.get("kind")
     if kind not in ("student", "teacher"):
@@ -115,8 +121,6 @@ def main(argv: list[str] | None = None) -> None:
     for path, value in zip(paths, values):
         print(f"{path}\t{value:.4f}")
     if args.csv is not None:
-        if args.csv.is_dir():
-            raise UserError(f"{args.csv}: is a folder; --csv takes a file path")
         atomic_write_csv(args.csv, pd.DataFrame({"image": [str(p) for p in paths], "score": values}))
 
 

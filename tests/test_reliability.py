@@ -374,6 +374,12 @@ def test_output_path_is_a_file(rdb, teacher_run, tmp_path, capsys):
                                      "--no-progress", "--device", "cpu"])
     assert "folder" in err and "--csv" in err
     assert list(folder.iterdir()) == []
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        common.run_cli(lambda: predict.main([str(teacher_run / "fold0" / "checkpoint.pt"), str(image), "--csv",
+                                             str(afile / "x.csv"), "--no-progress", "--device", "cpu"]))
+    out, err = capsys.readouterr()
+    assert out == "" and "afile" in err and len(err.strip().splitlines()) == 1  # refused before any scoring
 
 
 def test_checkpoint_of_another_layout_or_arch(rdb, teacher_run, tmp_path, capsys):
