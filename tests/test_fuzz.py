@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_tiny_db
 
 from common import UserError
-from conftest import make_tiny_db
 from dataset import load_database, load_folds, make_folds, read_meta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_fuzz_cli_one_line(fuzz_db, tmp_path):
         root = tmp_path / f"db{i}"
         shutil.copytree(fuzz_db, root)
         (root / "meta.csv").write_bytes(text.encode("utf-8", errors="surrogatepass"))
-        if _loads_or_user_error(lambda: load_database(root)) == "ok":
+        if _loads_or_user_error(lambda root=root: load_database(root)) == "ok":
             continue
         proc = subprocess.run([sys.executable, "dataset.py", "info", "--database", str(root)], cwd=REPO,
                               capture_output=True, text=True, timeout=60, check=False,

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_tiny_db
 
 import common
 import teacher_train
-from conftest import make_tiny_db
 from dataset import load_database, make_folds, write_folds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "32
 
 
 def run_script(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
@@ -86,11 +86,11 @@ def _kill_after_first_checkpoint(cmd: list[str], ckpt: Path, timeout: float = 12
         proc.stderr.close()
 
 
-def test_kill_and_resume_is_bit_identical(rdb, tmp_path):
+def test_kill_and_resume_is_bit_identical(rdb, tmp_path, capsys):
     base = ["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), "--fold", "0", "--epochs", "4",
             *FAST, "--erp-size", "64x32"]
     straight = tmp_path / "straight"
-    teacher_train.main([*base, "--out", str(straight)])
+    teacher_train.main([*base, "--save-every", "4", "--out", str(straight)])  # (fewer 200 MB writes)
 
     resumed = tmp_path / "resumed"
     ckpt_path = resumed / "fold0" / "checkpoint.pt"
@@ -100,9 +100,9 @@ def test_kill_and_resume_is_bit_identical(rdb, tmp_path):
     assert torch.load(ckpt_path, weights_only=True)["epoch"] == 2
     assert not (resumed / "results.csv").exists()
     # Without --resume the folder is refused; with it the run continues to epoch 4.
-    proc = run_script("teacher_train.py", *base, "--out", str(resumed))
-    assert_one_line_error(proc, "already holds a run", "--resume")
-    teacher_train.main([*base, "--out", str(resumed), "--resume"])
+    err = cli(capsys, teacher_train.main, [*base, "--out", str(resumed)])
+    assert "already holds a run" in err and "--resume" in err
+    teacher_train.main([*base, "--save-every", "4", "--out", str(resumed), "--resume"])
 
     a = torch.load(straight / "fold0" / "checkpoint.pt", weights_only=True)
     b = torch.load(ckpt_path, weights_only=True)
@@ -569,8 +569,9 @@ def test_pickled_objects_are_refused(tmp_path, capsys):
 
 
 def test_derived_image_scripts_refuse_a_truncated_image_before_writing(rdb, tmp_path, capsys):
-    import img_resize
     import importlib
+
+    import img_resize
 
     extract = importlib.import_module("viewport.extract")
 
