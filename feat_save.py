@@ -45,7 +45,15 @@ def main(argv: list[str] | None = None) -> None:
     args_path = args.run / "args.json"
     if not args_path.is_file():
         raise UserError(f"{args.run}: not a teacher run folder (no args.json); pass runs/teacher_train/<db>/<run>")
-    teacher_args = json.loads(args_path.read_text())
+    try:
+        teacher_args = json.loads(args_path.read_text(encoding="utf-8"))
+        if not isinstance(teacher_args, dict):
+            raise ValueError("not a JSON object")
+        for key in ("folds_path", "face_size", "erp_size"):
+            if key not in teacher_args:
+                raise ValueError(f"no {key!r}")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{args_path}: not a readable teacher run record ({err})") from None
     if teacher_args.get("script") != "teacher_train":
         raise UserError(f"{args_path}: a {teacher_args.get('script')} run, not a teacher_train run")
     if teacher_args.get("database_name") != db.name:

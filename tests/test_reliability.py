@@ -583,3 +583,19 @@ def test_derived_image_scripts_refuse_a_truncated_image_before_writing(rdb, tmp_
     err = cli(capsys, extract.main, ["--database", str(root), "--size", "16", "--device", "cpu", "--no-progress"])
     assert "c3_blur2.png" in err and "unreadable" in err
     assert sorted(p.name for p in root.iterdir()) == ["folds", "images", "meta.csv"]
+
+
+def test_feat_save_refuses_a_broken_run_record(rdb, tmp_path, capsys):
+    import feat_save
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text("{torn")
+    feats = tmp_path / "features"
+    err = cli(capsys, feat_save.main, ["--database", str(rdb["db"]), "--run", str(run), "--features-dir", str(feats),
+                                       "--workers", "0", "--no-progress"])
+    assert "args.json" in err and not feats.exists()
+    (run / "args.json").write_text(json.dumps({"script": "teacher_train", "database_name": "Tiny"}))
+    err = cli(capsys, feat_save.main, ["--database", str(rdb["db"]), "--run", str(run), "--features-dir", str(feats),
+                                       "--workers", "0", "--no-progress"])
+    assert "args.json" in err and "folds_path" in err and not feats.exists()
