@@ -18,12 +18,7 @@ import img_resize
 from common import UserError, run_cli
 from dataset import load_database, load_erp, read_rgb, resize_rgb, to_chw
 
-# The package `viewport` re-exports the function viewport.project.extract under the name `extract`;
-# importing the submodule viewport/extract.py rebinds that package attribute to the module. Take
-# the module from importlib and put the function back for the other test files.
 extract = importlib.import_module("viewport.extract")
-viewport = sys.modules["viewport"]
-viewport.extract = viewport.project.extract
 
 FACE = 16
 ERP = (32, 16)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import viewport.project as vp
-from viewport import (
+from viewport.project import (
     FACE_CENTERS_DEG,
     FACE_NAMES,
     cube_faces,
