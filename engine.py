@@ -442,10 +442,15 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
     if args.resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         _check_checkpoint_matches(ckpt, method, ckpt_path)
-        for name, module in method.modules().items():
-            module.load_state_dict(ckpt["modules"][name])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, history, selected = ckpt["epoch"] + 1, list(ckpt["history"]), ckpt.get("selected")
+        try:
+            for name, module in method.modules().items():
+                module.load_state_dict(ckpt["modules"][name])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_epoch, history, selected = ckpt["epoch"] + 1, list(ckpt["history"]), ckpt.get("selected")
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise UserError(f"{ckpt_path}: cannot resume from this checkpoint ({type(err).__name__}: {first}); "
+                            f"it belongs to another model or settings: start a new --out") from None
         print(f"fold {k}: resumed at epoch {ckpt['epoch']} from {ckpt_path}", flush=True)
     else:
         mean_target = float(scale.to_target(torch.from_numpy(run.db.scores(train_images))).mean())

@@ -599,3 +599,16 @@ def test_feat_save_refuses_a_broken_run_record(rdb, tmp_path, capsys):
     err = cli(capsys, feat_save.main, ["--database", str(rdb["db"]), "--run", str(run), "--features-dir", str(feats),
                                        "--workers", "0", "--no-progress"])
     assert "args.json" in err and "folds_path" in err and not feats.exists()
+
+
+def test_resume_from_a_foreign_checkpoint_is_one_line(rdb, teacher_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(teacher_run, run)
+    ckpt_path = run / "fold0" / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt["modules"]["model"]["head.bias"]  # weights of some other model
+    ckpt["epoch"] = 0
+    torch.save(ckpt, ckpt_path)
+    err = cli(capsys, teacher_train.main, ["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), "--fold",
+                                           "0", "--epochs", "1", "--out", str(run), "--resume", *FAST])
+    assert "checkpoint.pt" in err and "cannot resume" in err
