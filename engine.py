@@ -242,8 +242,16 @@ def predict_scores(method: Method, store: ImageStore, images: Sequence[str], bat
     return scale.to_score(torch.cat(out).numpy().astype(np.float64)) if out else np.zeros(0)
 
 
-def score_split(pred: np.ndarray, mos: np.ndarray, db: Database, fit: str) -> dict:
-    return metrics.evaluate(pred, mos, higher_is_better=db.higher_is_better, fit=fit)
+def score_split(pred: np.ndarray, mos: np.ndarray, db: Database, fit: str,
+                train_higher_is_better: bool | None = None) -> dict:
+    """Metrics on `db`'s scores; `train_higher_is_better` (cross-database) flips them when directions differ."""
+    return metrics.evaluate(pred, mos, higher_is_better=db.higher_is_better, fit=fit,
+                            train_higher_is_better=train_higher_is_better)
+
+
+def train_direction(run: Run) -> bool | None:
+    """The training database's score direction when the run is scored on another database, else None."""
+    return run.db.higher_is_better if run.test_db is not None else None
 
 
 def save_scatter(path: Path, pred: np.ndarray, mos: np.ndarray, result: dict, title: str, fit: str) -> None:
@@ -493,7 +501,7 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
         is_last = epoch == args.epochs
         if is_last or epoch % args.eval_every == 0 or args.select != "last":
             pred = predict_scores(method, test_store, test_images, args.batch_size * 2, autocast, scale)
-            test_result = score_split(pred, test_mos, run.eval_db, args.fit)
+            test_result = score_split(pred, test_mos, run.eval_db, args.fit, train_direction(run))
             record.update({f"test_{m}": test_result[m] for m in ("srcc", "krcc", "plcc", "rmse")})
             last_eval = (epoch, test_result, pred)
             criterion = test_result["srcc"]
@@ -529,7 +537,7 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
         _, result, pred = last_eval
     else:
         pred = predict_scores(method, test_store, test_images, args.batch_size * 2, autocast, scale)
-        result = score_split(pred, test_mos, run.eval_db, args.fit)
+        result = score_split(pred, test_mos, run.eval_db, args.fit, train_direction(run))
     fold_result = FoldResult(k, sel_epoch, result, test_images, pred, test_mos)
     _write_fold_outputs(run, fold_dir, fold_result)
     return fold_result
@@ -596,11 +604,16 @@ def finish_run(run: Run, results: list[FoldResult]) -> pd.DataFrame:
     for column in ("epoch", "n"):
         table[column] = table[column].astype("Int64")
     table["selection"] = SELECTION_NOTES[run.args.select]
+    flipped = any(r.metrics.get("sign_flipped") for r in results)
+    if run.test_db is not None:
+        table["sign_flipped"] = flipped
     atomic_write_csv(run.run_dir / "results.csv", table)
     preds = pd.concat([pd.DataFrame({"fold": r.fold, "image": r.images, "mos": r.mos, "prediction": r.pred})
                        for r in results], ignore_index=True)
     atomic_write_csv(run.run_dir / "predictions.csv", preds)
     heading = f"{run.script} on {run.eval_db.name}: {SELECTION_NOTES[run.args.select]}"
+    if flipped:
+        heading += f"; scores of {run.eval_db.name} flipped (DMOS vs MOS)"
     print("\n" + heading)
     print(metrics.format_results_table(summary))
     print(f"results: {run.run_dir / 'results.csv'}", flush=True)
