@@ -15,8 +15,9 @@ import random
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def atomic_write_csv(path: str | os.PathLike, frame: "Any") -> None:
+def atomic_write_csv(path: str | os.PathLike, frame: Any) -> None:
     """Write a pandas DataFrame as CSV atomically (no index column)."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)

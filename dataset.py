@@ -21,14 +21,14 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from common import UserError, atomic_write_csv, atomic_write_json, run_cli
+from common import UserError, atomic_write_json, run_cli
 
 REQUIRED_COLUMNS = ("image", "mos", "ref")
 OPTIONAL_COLUMNS = ("distortion", "level")

@@ -13,9 +13,9 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,10 +23,30 @@ import torch
 from torch import nn
 
 import metrics
-from common import (UserError, atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_json,
-                    atomic_write_text, jsonable,
-                    load_checkpoint, make_run_dir, resolve_device, save_args, seed_everything)
-from dataset import Database, FoldSet, FoldSplit, ImageDataset, database_key, holdout_validation, load_database, resolve_folds
+from common import (
+    UserError,
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    jsonable,
+    load_checkpoint,
+    make_run_dir,
+    resolve_device,
+    save_args,
+    seed_everything,
+)
+from dataset import (
+    Database,
+    FoldSet,
+    FoldSplit,
+    ImageDataset,
+    database_key,
+    holdout_validation,
+    load_database,
+    resolve_folds,
+)
 
 TEST_SELECTION_NOTE = "epoch selected on the test fold (the paper's protocol; optimistic)"
 SELECTION_NOTES = {
@@ -91,7 +111,7 @@ class TargetScale:
     scale: float = 1.0
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, db: Database) -> "TargetScale":
+    def from_args(cls, args: argparse.Namespace, db: Database) -> TargetScale:
         if args.target_scale == "range":
             lo, hi = db.score_range
             return cls(lo, hi - lo)

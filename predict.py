@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     database = ckpt.get("database", {})
 
     from tqdm import tqdm
+
     from viewport.project import cube_faces
 
     scores = []

@@ -18,7 +18,6 @@ from scipy import stats
 import feat_save
 import mask_train
 import metrics
-import predict
 import teacher_train
 from common import UserError
 from dataset import load_database, make_folds, write_folds
