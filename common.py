@@ -346,3 +346,106 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path}: not a KD-OIQA checkpoint (no model / model_config)")
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun / DDP: one process per device; rank 0 logs and writes.
+
+class Distributed:
+    """The process group of a `torchrun --nproc_per_node=N` launch (world 1 without torchrun).
+
+    Training batches are split across ranks (the optimiser still sees `--batch-size` images per
+    step, as the paper), gradients are averaged weighted by each rank's share of the batch, and
+    rank 0 alone writes files and prints.
+    """
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device_arg: str | None):
+        """Start the process group (NCCL on CUDA, gloo on CPU) and return this rank's device."""
+        import torch
+        import torch.distributed as dist
+
+        device = resolve_device(device_arg)
+        if not self.enabled:
+            return device
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def average_gradients(self, params: list, weight: float) -> None:
+        """Sum over ranks of weight * grad (weight = this rank's share of the batch): the gradient of
+        the batch mean. One flat all-reduce; parameters without a gradient count as zero."""
+        if not self.enabled:
+            return
+        import torch
+        import torch.distributed as dist
+
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads]) * weight
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def broadcast_buffers(self, modules: list) -> None:
+        """Rank 0's BatchNorm running statistics everywhere (as DDP's broadcast_buffers)."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        for module in modules:
+            for buf in module.buffers():
+                dist.broadcast(buf, 0)
+
+    def gather_rows(self, values, rows):
+        """Every rank's (values [n_r], rows [n_r]) -> all values ordered by row, on every rank."""
+        import torch
+
+        if not self.enabled:
+            return values[torch.argsort(rows)]
+        import torch.distributed as dist
+
+        count = torch.tensor([len(rows)], device=values.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world)]
+        dist.all_gather(counts, count)
+        size = int(max(c.item() for c in counts))
+        pad_v = torch.zeros(size, dtype=values.dtype, device=values.device)
+        pad_r = torch.full((size,), -1, dtype=torch.long, device=values.device)
+        pad_v[:len(values)], pad_r[:len(rows)] = values, rows.to(values.device)
+        all_v = [torch.zeros_like(pad_v) for _ in range(self.world)]
+        all_r = [torch.zeros_like(pad_r) for _ in range(self.world)]
+        dist.all_gather(all_v, pad_v)
+        dist.all_gather(all_r, pad_r)
+        v, r = torch.cat(all_v), torch.cat(all_r)
+        keep = r >= 0
+        v, r = v[keep], r[keep]
+        return v[torch.argsort(r)]
+
+
+DIST = Distributed()

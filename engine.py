@@ -24,6 +24,7 @@ from torch import nn
 
 import metrics
 from common import (
+    DIST,
     UserError,
     atomic_path,
     atomic_torch_save,
@@ -33,7 +34,6 @@ from common import (
     jsonable,
     load_checkpoint,
     make_run_dir,
-    resolve_device,
     save_args,
     seed_everything,
 )
@@ -90,7 +90,8 @@ class Method:
     def predict(self, batch: dict) -> torch.Tensor:
         return self.forward(batch)[0]
 
-    def training_loss(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise and named scalars to log (tensors: they are read once per epoch)."""
         score, _ = self.forward(batch)
         loss = nn.functional.mse_loss(score.float(), batch["target"])
         return loss, {}
@@ -194,25 +195,36 @@ class ImageStore:
         return pixels
 
     def batches(self, images: Sequence[str], batch_size: int, *, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[dict]:
+                generator: torch.Generator | None = None, shard: bool = False) -> Iterator[dict]:
+        """Batches of `images` (shuffled by `generator`). With `shard` under torchrun, each global
+        batch is split across the ranks (rank r takes rows r, r+N, ...); a rank whose share of a
+        short last batch is empty gets a batch with no rows. Each batch records `n_global`."""
         rows = torch.tensor([self.row[x] for x in images], dtype=torch.long)
         if shuffle:
             rows = rows[torch.randperm(len(rows), generator=generator)]
+        rank, world = (DIST.rank, DIST.world) if shard else (0, 1)
+        global_batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+        local = [idx[rank::world] for idx in global_batches]
         if self.pixels is not None:
-            for start in range(0, len(rows), batch_size):
-                idx = rows[start:start + batch_size]
-                yield self._batch(idx, self.pixels[idx.to(self.pixels.device)])
+            for idx, whole in zip(local, global_batches):
+                yield self._batch(idx, self.pixels[idx.to(self.pixels.device)], len(whole))
             return
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=rows.tolist(),
-                                             num_workers=self.args.workers, collate_fn=_collate,
-                                             pin_memory=self.device.type == "cuda")
-        for batch in loader:
-            yield self._batch(batch["index"], batch["pixels"])
+        loader = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=[i.tolist() for i in local if len(i)],
+                                                  num_workers=self.args.workers, collate_fn=_collate,
+                                                  pin_memory=self.device.type == "cuda"))
+        for idx, whole in zip(local, global_batches):
+            if len(idx):
+                batch = next(loader)
+                yield self._batch(batch["index"], batch["pixels"], len(whole))
+            else:
+                yield self._batch(idx, torch.empty((0, *_pixel_shape(self.view, self.args)), dtype=torch.uint8),
+                                  len(whole))
 
-    def _batch(self, idx: torch.Tensor, pixels: torch.Tensor) -> dict:
+    def _batch(self, idx: torch.Tensor, pixels: torch.Tensor, n_global: int | None = None) -> dict:
         nb = self.device.type == "cuda"
         batch = {"pixels": pixels.to(self.device, non_blocking=nb), "mos": self.mos[idx].to(self.device),
-                 "images": [self.images[i] for i in idx.tolist()], "rows": idx}
+                 "images": [self.images[i] for i in idx.tolist()], "rows": idx,
+                 "n_global": len(idx) if n_global is None else n_global}
         if self.features is not None:
             batch["teacher_feature"] = self.features[idx].to(self.device, non_blocking=nb)
         return batch
@@ -253,13 +265,47 @@ def autocast_for(args: argparse.Namespace, device: torch.device) -> Callable[[],
 @torch.no_grad()
 def predict_scores(method: Method, store: ImageStore, images: Sequence[str], batch_size: int,
                    autocast: Callable, scale: TargetScale) -> np.ndarray:
+    """Scores of `images` in their order; under torchrun each rank scores a share, then all gather."""
     for module in method.modules().values():
         module.eval()
+    positions = torch.arange(len(images))[DIST.rank::DIST.world]
+    mine = [images[i] for i in positions.tolist()]
     out = []
-    for batch in store.batches(images, batch_size):
+    for batch in store.batches(mine, batch_size):
         with autocast():
-            out.append(method.predict(batch).float().cpu())
-    return scale.to_score(torch.cat(out).numpy().astype(np.float64)) if out else np.zeros(0)
+            out.append(method.predict(batch).float())
+    values = torch.cat(out) if out else torch.zeros(0, device=store.device)
+    values = DIST.gather_rows(values, positions.to(values.device))
+    return scale.to_score(values.cpu().numpy().astype(np.float64))
+
+
+def train_one_epoch(method: Method, store: ImageStore, images: Sequence[str], optimizer: torch.optim.Optimizer,
+                    grad_scaler: torch.amp.GradScaler, autocast: Callable, scale: TargetScale, batch_size: int,
+                    epoch: int, generator: torch.Generator) -> dict[str, float]:
+    """One pass over `images`: mean loss and the method's scalars. Losses stay on the device until the
+    end of the epoch (no host sync per step); under torchrun the batch is split across the ranks."""
+    for module in method.modules().values():
+        module.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for batch in store.batches(images, batch_size, shuffle=True, generator=generator, shard=True):
+        optimizer.zero_grad(set_to_none=True)
+        n_local = len(batch["rows"])
+        if n_local:
+            batch["target"] = scale.to_target(batch["mos"])
+            with autocast():
+                loss, scalars = method.training_loss(batch, epoch)
+            grad_scaler.scale(loss).backward()
+            for name, value in {"train_loss": loss, **scalars}.items():
+                value = torch.as_tensor(value, device=store.device).detach().float()
+                sums[name] = sums[name] + value if name in sums else value
+        DIST.average_gradients(params, n_local / batch["n_global"])
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
+        steps += 1
+    DIST.broadcast_buffers(list(method.modules().values()))
+    return {name: float(total) / max(1, steps) for name, total in sums.items()}
 
 
 def score_split(pred: np.ndarray, mos: np.ndarray, db: Database, fit: str,
@@ -317,10 +363,10 @@ class Run:
     def open(self) -> Path:
         """Create the run folder and write args.json, once: deferred until the data are decoded and
         every input is checked, so that a bad input leaves no half-made run behind."""
-        if not self.opened:
+        if not self.opened and DIST.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_args(self.run_dir, self.args, self.script, self.extra)
-            self.opened = True
+        self.opened = True
         return self.run_dir
 
     @property
@@ -328,6 +374,8 @@ class Run:
         return self.test_db if self.test_db is not None else self.db
 
     def log(self, record: dict) -> None:
+        if not DIST.is_main:
+            return
         with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(jsonable(record)) + "\n")
 
@@ -357,7 +405,10 @@ def start_run(script: str, args: argparse.Namespace, *, db: Database | None = No
     from common import check_training_args
 
     check_training_args(args)
-    device = resolve_device(args.device)
+    device = DIST.init(args.device)
+    if DIST.enabled and args.batch_size < DIST.world:
+        raise UserError(f"--batch-size {args.batch_size} is smaller than the {DIST.world} processes; each step's batch "
+                        f"is split across them")
     if db is None:
         db = load_database(args.database, args.data_root)
     if folds is None:
@@ -378,10 +429,12 @@ def start_run(script: str, args: argparse.Namespace, *, db: Database | None = No
              "folds_path": str(folds.path) if folds.path else None, "device_used": str(device)}
     if test_db is not None:
         extra.update(test_database_name=test_db.name, test_database_root=str(test_db.root))
-    progress = not args.no_progress
-    print(f"{script}: {db.name} ({len(db)} images), {len(fold_ids)} fold(s), run folder {run_dir}", flush=True)
-    if args.select == "test":
-        print(f"note: {TEST_SELECTION_NOTE}", flush=True)
+    progress = not args.no_progress and DIST.is_main
+    if DIST.is_main:
+        world = f", {DIST.world} processes" if DIST.enabled else ""
+        print(f"{script}: {db.name} ({len(db)} images), {len(fold_ids)} fold(s), run folder {run_dir}{world}", flush=True)
+        if args.select == "test":
+            print(f"note: {TEST_SELECTION_NOTE}", flush=True)
     return Run(script, args, db, folds, fold_ids, run_dir, device, progress, test_db, extra)
 
 
@@ -443,7 +496,9 @@ def train_folds(run: Run, build_method: Callable[[int, FoldSplit], Method], *,
                                                progress=run.progress)
             test_store = store_cache[tkey]
         results.append(train_fold(run, k, split, method, store, test_store))
-    finish_run(run, results)
+    if DIST.is_main:
+        finish_run(run, results)
+    DIST.barrier()
     return results
 
 
@@ -453,7 +508,8 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
 
     args, device = run.args, run.device
     fold_dir = run.open() / f"fold{k}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
+    if DIST.is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
     train_images, val_images = list(split.train), []
     if args.select == "val":
         train_images, val_images = holdout_validation(run.db, split.train, args.val_fraction, args.seed + k)
@@ -479,45 +535,31 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
             raise UserError(f"{ckpt_path}: cannot resume from this checkpoint ({type(err).__name__}: {first}); "
                             f"it belongs to another model or settings: start a new --out") from None
-        print(f"fold {k}: resumed at epoch {ckpt['epoch']} from {ckpt_path}", flush=True)
+        if DIST.is_main:
+            print(f"fold {k}: resumed at epoch {ckpt['epoch']} from {ckpt_path}", flush=True)
     else:
         mean_target = float(scale.to_target(torch.from_numpy(run.db.scores(train_images))).mean())
         method.init_output(mean_target)
-    run.trim_log(k, start_epoch)
+    if DIST.is_main:
+        run.trim_log(k, start_epoch)
     if args.compile and device.type == "cuda":
         method.runner = torch.compile(method.model)  # state dicts keep coming from the eager module
 
-    writer = _summary_writer(fold_dir)
+    writer = _summary_writer(fold_dir) if DIST.is_main else None
     test_mos = run.eval_db.scores(split.test if run.test_db is None else run.test_db.images)
     test_images = list(split.test) if run.test_db is None else run.test_db.images
     val_mos = run.db.scores(val_images) if val_images else None
-    steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
     epoch_bar = tqdm(range(start_epoch, args.epochs + 1), desc=f"fold {k}", unit="epoch", disable=not run.progress,
                      dynamic_ncols=True, initial=start_epoch - 1, total=args.epochs)
     last_eval = None
     for epoch in epoch_bar:
         t0 = time.perf_counter()
-        for module in method.modules().values():
-            module.train()
-        losses: list[float] = []
-        extra_sums: dict[str, float] = {}
-        gen = _epoch_generator(args.seed, k, epoch)
-        for batch in store.batches(train_images, args.batch_size, shuffle=True, generator=gen):
-            batch["target"] = scale.to_target(batch["mos"])
-            with autocast():
-                loss, scalars = method.training_loss(batch, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            grad_scaler.scale(loss).backward()
-            grad_scaler.step(optimizer)
-            grad_scaler.update()
-            losses.append(float(loss.detach()))
-            for name, value in scalars.items():
-                extra_sums[name] = extra_sums.get(name, 0.0) + float(value)
-        if not all(math.isfinite(x) for x in losses):
+        scalars = train_one_epoch(method, store, train_images, optimizer, grad_scaler, autocast, scale,
+                                  args.batch_size, epoch, _epoch_generator(args.seed, k, epoch))
+        if not all(math.isfinite(x) for x in scalars.values()):
             raise UserError(f"fold {k} epoch {epoch}: the training loss is not finite; lower --lr or use --amp none")
-        record = {"fold": k, "epoch": epoch, "train_loss": float(np.mean(losses)),
-                  **{name: total / steps_per_epoch for name, total in extra_sums.items()},
-                  **method.epoch_scalars(), "epoch_seconds": time.perf_counter() - t0}
+        record = {"fold": k, "epoch": epoch, **scalars, **method.epoch_scalars(),
+                  "epoch_seconds": time.perf_counter() - t0}
         is_last = epoch == args.epochs
         if is_last or epoch % args.eval_every == 0 or args.select != "last":
             pred = predict_scores(method, test_store, test_images, args.batch_size * 2, autocast, scale)
@@ -535,16 +577,18 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
                             "modules": {n: _cpu_state(m) for n, m in method.modules().items()}}
         history.append(record)
         run.log(record)
-        for name, value in record.items():
-            if name not in ("fold", "epoch") and isinstance(value, (int, float)):
-                writer.add_scalar(name, value, epoch)
-        writer.flush()
+        if writer is not None:
+            for name, value in record.items():
+                if name not in ("fold", "epoch") and isinstance(value, (int, float)):
+                    writer.add_scalar(name, value, epoch)
+            writer.flush()
         epoch_bar.set_postfix(loss=f"{record['train_loss']:.4g}",
                               srcc=f"{record.get('test_srcc', float('nan')):.3f}")
-        if is_last or epoch % max(1, args.save_every) == 0:
+        if DIST.is_main and (is_last or epoch % max(1, args.save_every) == 0):
             _save_checkpoint(ckpt_path, method, optimizer, epoch, history, selected, run)
     epoch_bar.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
 
     # The reported model: the last epoch, or the selected one.
     if args.select != "last" and selected is not None:
@@ -559,7 +603,9 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
         pred = predict_scores(method, test_store, test_images, args.batch_size * 2, autocast, scale)
         result = score_split(pred, test_mos, run.eval_db, args.fit, train_direction(run))
     fold_result = FoldResult(k, sel_epoch, result, test_images, pred, test_mos)
-    _write_fold_outputs(run, fold_dir, fold_result)
+    if DIST.is_main:
+        _write_fold_outputs(run, fold_dir, fold_result)
+    DIST.barrier()  # every rank starts the next fold with rank 0's files written
     return fold_result
 
 

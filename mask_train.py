@@ -81,19 +81,19 @@ class StudentMethod(engine.Method):
             f_m = mix(f_s.detach(), f_t, mask)
             terms["mixed"] = nn.functional.mse_loss(self.model.head(f_m).squeeze(-1).float(), batch["target"])
             terms["imitation"] = nn.functional.mse_loss(f_s, f_m.detach())
-            self._mask_sum += float(mask.detach().float().mean())
+            self._mask_sum = self._mask_sum + mask.detach().float().mean()  # read once per epoch
             self._mask_count += 1
         return terms
 
-    def training_loss(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = self.loss_terms(batch, epoch)
         loss = terms["score"] + terms.get("mixed", 0.0) + self.weight * terms.get("imitation", 0.0)
-        return loss, {f"loss_{name}": float(value.detach()) for name, value in terms.items()}
+        return loss, {f"loss_{name}": value.detach() for name, value in terms.items()}
 
     def epoch_scalars(self) -> dict[str, float]:
         if not self._mask_count:
             return {}
-        share = self._mask_sum / self._mask_count
+        share = float(self._mask_sum) / self._mask_count
         self._mask_sum, self._mask_count = 0.0, 0
         return {"mask_teacher_share": share}
 
