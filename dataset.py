@@ -458,8 +458,8 @@ class ImageDataset:
 
     def __init__(self, db: Database, images: Sequence[str], view: str, *, erp_size: tuple[int, int] = (1024, 512),
                  face_size: int = 256, faces_source: str = "auto", features: dict | None = None) -> None:
-        if view not in ("erp", "faces"):
-            raise ValueError(f"view must be 'erp' or 'faces', got {view!r}")
+        if view not in ("erp", "faces", "erp_native"):
+            raise ValueError(f"view must be 'erp', 'faces' or 'erp_native', got {view!r}")
         self.db, self.images, self.view = db, list(images), view
         self.erp_size, self.face_size, self.faces_source = tuple(erp_size), int(face_size), faces_source
         self.features = features
@@ -476,6 +476,8 @@ class ImageDataset:
         image = self.images[index]
         if self.view == "erp":
             return to_chw(load_erp(self.db, image, self.erp_size))
+        if self.view == "erp_native":  # the original ERP, for face extraction on the training device
+            return to_chw(read_rgb(self.db.path(image)))
         import torch
 
         faces = load_faces(self.db, image, self.face_size, self.faces_source)

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-size", type=int, default=64)
     p.add_argument("--erp-size", default="128x64")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--kd", default="none,mask", help="students to train, comma-separated from none,feature,mask "
+                   "(the README's ablation uses all three)")
+    p.add_argument("--size", default="256x128", help="synthetic panorama size")
     return p
 
 
@@ -47,9 +50,13 @@ def resume_flag(run: Path) -> list[str]:
     return ["--resume"] if (run / "args.json").is_file() else []
 
 
-def mean_of(run: Path, metric: str) -> float:
-    table = pd.read_csv(run / "results.csv")
-    return float(table.loc[table["fold"].astype(str) == "mean", metric].iloc[0])
+def summary_of(run: Path, metric: str) -> str:
+    """'mean ± std' over the folds, from the run's results.csv."""
+    table = pd.read_csv(run / "results.csv").set_index("fold")
+    return f"{float(table.loc['mean', metric]):.3f} ± {float(table.loc['std', metric]):.3f}"
+
+
+KD_NAMES = {"none": "student, no KD", "feature": "student, feature KD", "mask": "student, mask KD"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
               "--erp-size", args.erp_size]
     if not (db / "meta.csv").is_file():
         step("synthetic database", ["make_synthetic_db.py", "--out", str(db), "--contents", str(args.contents),
-                                    "--size", "256x128", "--seed", "0"])
+                                    "--size", args.size, "--seed", "0"])
     folds = db / "folds" / f"k{args.folds}_seed2023.json"
     step("content-disjoint folds", ["dataset.py", "folds", "--database", str(db), "--k", str(args.folds)])
     step("cube faces", ["-m", "viewport.extract", "--database", str(db), "--size", str(args.face_size),
@@ -75,8 +82,12 @@ def main(argv: list[str] | None = None) -> None:
                                        *resume_flag(teacher)])
     step("teacher features", ["feat_save.py", "--database", str(db), "--run", str(teacher), "--features-dir",
                               str(feats), "--workers", str(args.workers), "--no-progress"])
+    variants = [kd.strip() for kd in args.kd.split(",") if kd.strip()]
+    unknown = sorted(set(variants) - set(KD_NAMES))
+    if unknown or not variants:
+        raise UserError(f"--kd takes a comma-separated list of none, feature, mask; got {args.kd!r}")
     students = {}
-    for kd in ("mask", "none"):
+    for kd in variants:
         run = runs / f"student_{kd}"
         students[kd] = run
         if not (run / "results.csv").is_file():
@@ -85,13 +96,13 @@ def main(argv: list[str] | None = None) -> None:
                                              "--kd-warmup", "2", "--kd-feature-epochs", "2", "--out", str(run), *common,
                                              *resume_flag(run)])
     image = sorted((db / "images").glob("*.png"))[0]
-    step("predict.py on one image", ["predict.py", str(students["mask"] / "fold0" / "checkpoint.pt"), str(image),
+    step("predict.py on one image", ["predict.py", str(students[variants[-1]] / "fold0" / "checkpoint.pt"), str(image),
                                      "--no-progress"])
-    rows = [("teacher (cube faces)", teacher), ("student, no KD", students["none"]), ("student, mask KD", students["mask"])]
-    print(f"\n== KD-OIQA demo on {db} ({args.folds} folds, last epoch, mean over folds)")
-    print(f"{'model':<22} {'SRCC':>7} {'PLCC':>7}")
+    rows = [("teacher (cube faces)", teacher)] + [(KD_NAMES[kd], students[kd]) for kd in variants]
+    print(f"\n== KD-OIQA demo on {db} ({args.folds} folds, last epoch, mean ± std over folds)")
+    print(f"{'model':<22} {'SRCC':>13} {'PLCC':>13}")
     for name, run in rows:
-        print(f"{name:<22} {mean_of(run, 'srcc'):7.4f} {mean_of(run, 'plcc'):7.4f}")
+        print(f"{name:<22} {summary_of(run, 'srcc'):>13} {summary_of(run, 'plcc'):>13}")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; runs in {runs}")
 
 

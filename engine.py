@@ -184,15 +184,33 @@ class ImageStore:
         shape = _pixel_shape(self.view, self.args)
         target = self.device if self.mode == "gpu" else torch.device("cpu")
         pixels = torch.empty((len(self.images), *shape), dtype=torch.uint8, device=target)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=8, num_workers=self.args.workers,
-                                             collate_fn=_collate)
-        bar = tqdm(total=len(self.images), desc=f"decode {self.view}", unit="img", disable=not progress,
-                   dynamic_ncols=True)
+        online = self.view == "faces" and self._faces_online()
+        if online:
+            # Faces not on disk: decode the original ERPs in the workers, project on the device.
+            from viewport.project import cube_faces
+
+            source = ImageDataset(self.db, self.images, "erp_native")
+            loader = torch.utils.data.DataLoader(source, batch_size=1, num_workers=self.args.workers,
+                                                 collate_fn=_collate)
+        else:
+            loader = torch.utils.data.DataLoader(self.dataset, batch_size=8, num_workers=self.args.workers,
+                                                 collate_fn=_collate)
+        desc = f"decode {self.view}" + (f" (cube faces on {self.device.type})" if online else "")
+        bar = tqdm(total=len(self.images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
         with bar:
             for batch in loader:
-                pixels[batch["index"].to(target)] = batch["pixels"].to(target)
+                chunk = batch["pixels"]
+                if online:
+                    chunk = cube_faces(chunk.to(self.device), self.args.face_size, antialias=True)
+                pixels[batch["index"].to(target)] = chunk.to(target)
                 bar.update(len(batch["index"]))
         return pixels
+
+    def _faces_online(self) -> bool:
+        source = getattr(self.args, "faces", "auto")
+        if source != "auto":
+            return source == "online"
+        return not all(p.is_file() for image in self.images for p in self.db.face_paths(image, self.args.face_size))
 
     def batches(self, images: Sequence[str], batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None, shard: bool = False) -> Iterator[dict]:

@@ -206,3 +206,22 @@ def test_metrics_in_results_agree_with_scipy(pipeline):
     preds = pd.read_csv(pipeline["student"] / "fold1" / "predictions.csv")
     res = metrics.evaluate(preds["prediction"], preds["mos"])
     assert res["krcc"] == pytest.approx(stats.kendalltau(preds["prediction"], preds["mos"])[0], abs=1e-9)
+
+
+def test_faces_online_equal_faces_on_disk(tiny_db, tmp_path):
+    """The cache built by projecting on the device equals the one read from viewport.extract's PNGs."""
+    import argparse
+
+    import engine
+    from viewport.extract import extract_database
+
+    shutil.copytree(tiny_db, tmp_path / "db")
+    db = load_database(tmp_path / "db")
+    extract_database(db, 32, device="cpu", workers=0)
+    caches = {}
+    for source in ("online", "disk"):
+        args = argparse.Namespace(face_size=32, erp_size=(64, 32), workers=0, cache="cpu", faces=source)
+        store = engine.ImageStore(db, db.images, "faces", args, torch.device("cpu"), progress=False)
+        caches[source] = store.pixels
+    assert caches["online"].shape == (12, 6, 3, 32, 32)
+    assert torch.equal(caches["online"], caches["disk"])
