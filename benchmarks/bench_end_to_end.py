@@ -5,8 +5,8 @@ OIQA-sized by default: a synthetic database of 16 contents x (reference + 20 dis
 1024x512; 5-fold teacher (100 epochs, batch 6); features; 5-fold student with mask distillation
 (100 epochs). Prints JSON with the wall time of each stage and the mean SRCC/PLCC of each model.
 
-    python benchmarks/bench_end_to_end.py --work /tmp/e2e                          # the paper's settings
-    python benchmarks/bench_end_to_end.py --work /tmp/e2e --size 512x256 --epochs 2 --face-size 64 \
+    python benchmarks/bench_end_to_end.py --work scratch/e2e                          # the paper's settings
+    python benchmarks/bench_end_to_end.py --work scratch/e2e --size 512x256 --epochs 2 --face-size 64 \
         --erp-size 128x64 --contents 5 --device cpu                                 # CPU smoke run
 """
 from __future__ import annotations

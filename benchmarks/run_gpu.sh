@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench-out}"; export OUT; mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 E2E_EPOCHS="${E2E_EPOCHS:-25}"  # 100 = the paper; 25 fits the 8-minute call and is projected to 100
-E2E_WORK="${E2E_WORK:-/tmp/kdoiqa-e2e}"
+E2E_WORK="${E2E_WORK:-scratch/e2e}"
 log="$OUT/run_gpu.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
 run() {  # name, time limit in seconds, command...
