@@ -144,6 +144,20 @@ def _resize_one(db: Database, image: str, erp_size: tuple[int, int]) -> bool:
     return two_to_one
 
 
+def plan_outputs(db: Database, outputs: dict[str, list[Path]], force: bool) -> tuple[Summary, list[str]]:
+    """Check the sources, skip the images whose outputs are up to date, and return what is left to do."""
+    check_sources(db, outputs)
+    summary = Summary()
+    todo = []
+    for image, paths in outputs.items():
+        if not force and is_up_to_date(db.path(image), paths):
+            summary.skipped.append(image)
+        else:
+            todo.append(image)
+    check_readable(db, todo)
+    return summary, todo
+
+
 def resize_database(db: Database, erp_size: tuple[int, int] = (1024, 512), workers: int | None = None, *,
                     force: bool = False, progress: bool = True, images: Iterable[str] | None = None) -> Summary:
     """Write `db.erp_path(image, erp_size)` for every image (or `images`); skip up-to-date files."""
@@ -152,16 +166,7 @@ def resize_database(db: Database, erp_size: tuple[int, int] = (1024, 512), worke
         raise UserError(f"--erp-size must be positive, got {erp_size[0]}x{erp_size[1]}")
     workers = check_workers(workers or default_workers())
     chosen = list(db.images if images is None else images)
-    outputs = {image: [db.erp_path(image, erp_size)] for image in chosen}
-    check_sources(db, outputs)
-    summary = Summary()
-    todo = []
-    for image in chosen:
-        if not force and is_up_to_date(db.path(image), outputs[image]):
-            summary.skipped.append(image)
-        else:
-            todo.append(image)
-    check_readable(db, todo)
+    summary, todo = plan_outputs(db, {image: [db.erp_path(image, erp_size)] for image in chosen}, force)
     bar = progress_bar(len(todo), f"erp_{erp_size[0]}x{erp_size[1]}", progress)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(_resize_one, db, image, erp_size): image for image in todo}

@@ -18,9 +18,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,32 +29,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_utils import timed
+
 from viewport.project import FACE_CENTERS_DEG, cube_faces, extract, native_face_size
-
-
-def timed(fns: dict[str, Callable[[], Any]], repeat: int,
-          sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median and fastest wall time (ms) of each function over `repeat` rounds, after two warm-ups.
-
-    The functions are called in turn within each round, so that load from other processes on a
-    shared machine hits all of them alike.
-    """
-    for _ in range(2):
-        for fn in fns.values():
-            fn()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    out = {}
-    for name, ts in times.items():
-        out[f"{name}_ms"] = 1e3 * statistics.median(ts)
-        out[f"{name}_min_ms"] = 1e3 * min(ts)
-    return out
 
 
 def sphere_centres(n: int) -> list[tuple[float, float]]:

@@ -29,11 +29,9 @@ from dataset import Database, is_two_to_one, load_database, read_rgb
 from img_resize import (
     Summary,
     add_database_args,
-    check_readable,
-    check_sources,
     check_workers,
     default_workers,
-    is_up_to_date,
+    plan_outputs,
     progress_bar,
     warn_not_two_to_one,
     write_png,
@@ -64,15 +62,7 @@ def extract_database(db: Database, size: int = 256, device: str | None = None, w
     dev = resolve_device(None if device in (None, "auto") else str(device))
     chosen = list(db.images if images is None else images)
     outputs = {image: db.face_paths(image, size) for image in chosen}
-    check_sources(db, outputs)
-    summary = Summary()
-    todo = []
-    for image in chosen:
-        if not force and is_up_to_date(db.path(image), outputs[image]):
-            summary.skipped.append(image)
-        else:
-            todo.append(image)
-    check_readable(db, todo)
+    summary, todo = plan_outputs(db, outputs, force)
 
     bar = progress_bar(len(todo), f"faces_{size}", progress)
     pool = ThreadPoolExecutor(max_workers=workers)
