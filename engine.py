@@ -698,6 +698,9 @@ def finish_run(run: Run, results: list[FoldResult]) -> pd.DataFrame:
     heading = f"{run.script} on {run.eval_db.name}: {SELECTION_NOTES[run.args.select]}"
     if flipped:
         heading += f"; scores of {run.eval_db.name} flipped (DMOS vs MOS)"
+    elif not run.eval_db.higher_is_better:
+        heading += (f"; {run.eval_db.name} scores are DMOS (higher is worse) and the model predicts them, "
+                    f"so a good model correlates positively")
     print("\n" + heading)
     print(metrics.format_results_table(summary))
     print(f"results: {run.run_dir / 'results.csv'}", flush=True)

@@ -225,3 +225,22 @@ def test_faces_online_equal_faces_on_disk(tiny_db, tmp_path):
         caches[source] = store.pixels
     assert caches["online"].shape == (12, 6, 3, 32, 32)
     assert torch.equal(caches["online"], caches["disk"])
+
+
+def test_dmos_database_reported_positive(tiny_db, tmp_path, capsys):
+    """A DMOS database (higher is worse): the model regresses the DMOS, correlations come out
+    positive for a good model, and the printed heading says so."""
+    dmos = tmp_path / "TinyDMOS"
+    shutil.copytree(tiny_db, dmos)
+    meta = pd.read_csv(dmos / "meta.csv")
+    meta["mos"] = 100 - meta["mos"]
+    meta.to_csv(dmos / "meta.csv", index=False)
+    (dmos / "database.json").write_text('{"name": "TinyDMOS", "higher_is_better": false, "score_range": [0, 100]}')
+    folds = write_folds(make_folds(load_database(dmos), k=2, seed=1), dmos / "folds" / "k2.json")
+    teacher_train.main(["--database", str(dmos), "--folds-file", str(folds), "--fold", "0", "--epochs", "1",
+                        "--out", str(tmp_path / "run"), *FAST])
+    assert "scores are DMOS (higher is worse)" in capsys.readouterr().out
+    preds = pd.read_csv(tmp_path / "run" / "fold0" / "predictions.csv")
+    table = pd.read_csv(tmp_path / "run" / "results.csv")
+    # The reported SRCC is the plain correlation with the DMOS (no sign change within a database).
+    assert float(table.loc[0, "srcc"]) == pytest.approx(stats.spearmanr(preds["prediction"], preds["mos"])[0])
