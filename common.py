@@ -221,6 +221,9 @@ def training_parser(*, epochs: int = 100) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=2e-4)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="cosine",
+                   help="cosine decay over the epochs (default: makes the reported last epoch a settled one) or "
+                        "constant (the paper's code)")
     g.add_argument("--target-scale", choices=("raw", "range"), default="raw",
                    help="regress the raw score (the paper) or the score mapped to [0,1] by the database's range")
 

@@ -297,6 +297,13 @@ def predict_scores(method: Method, store: ImageStore, images: Sequence[str], bat
     return scale.to_score(values.cpu().numpy().astype(np.float64))
 
 
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """Learning-rate multiplier of a 1-based epoch: constant (the paper) or cosine decay towards 0."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
+    return 1.0
+
+
 def train_one_epoch(method: Method, store: ImageStore, images: Sequence[str], optimizer: torch.optim.Optimizer,
                     grad_scaler: torch.amp.GradScaler, autocast: Callable, scale: TargetScale, batch_size: int,
                     epoch: int, generator: torch.Generator) -> dict[str, float]:
@@ -457,7 +464,7 @@ def start_run(script: str, args: argparse.Namespace, *, db: Database | None = No
 
 
 _RESUME_CRITICAL = ("database", "arch", "epochs", "batch_size", "lr", "weight_decay", "seed", "select", "face_size",
-                    "erp_size", "normalize", "target_scale", "kd", "folds_file")
+                    "erp_size", "normalize", "target_scale", "kd", "folds_file", "lr_schedule")
 
 
 def _check_resume_args(run_dir: Path, args: argparse.Namespace) -> None:
@@ -570,13 +577,18 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
     epoch_bar = tqdm(range(start_epoch, args.epochs + 1), desc=f"fold {k}", unit="epoch", disable=not run.progress,
                      dynamic_ncols=True, initial=start_epoch - 1, total=args.epochs)
     last_eval = None
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
     for epoch in epoch_bar:
         t0 = time.perf_counter()
+        factor = lr_factor(args.lr_schedule, epoch, args.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
         scalars = train_one_epoch(method, store, train_images, optimizer, grad_scaler, autocast, scale,
                                   args.batch_size, epoch, _epoch_generator(args.seed, k, epoch))
         if not all(math.isfinite(x) for x in scalars.values()):
             raise UserError(f"fold {k} epoch {epoch}: the training loss is not finite; lower --lr or use --amp none")
-        record = {"fold": k, "epoch": epoch, **scalars, **method.epoch_scalars(),
+        record = {"fold": k, "epoch": epoch, **scalars, **method.epoch_scalars(), "lr": args.lr * factor,
                   "epoch_seconds": time.perf_counter() - t0}
         is_last = epoch == args.epochs
         if is_last or epoch % args.eval_every == 0 or args.select != "last":
@@ -584,12 +596,12 @@ def train_fold(run: Run, k: int, split: FoldSplit, method: Method, store: ImageS
             test_result = score_split(pred, test_mos, run.eval_db, args.fit, train_direction(run))
             record.update({f"test_{m}": test_result[m] for m in ("srcc", "krcc", "plcc", "rmse")})
             last_eval = (epoch, test_result, pred)
-            criterion = test_result["srcc"]
+            criterion = test_result["srcc"] + test_result["plcc"]  # the paper's selection criterion
             if val_images:
                 vpred = predict_scores(method, store, val_images, args.batch_size * 2, autocast, scale)
                 val_result = score_split(vpred, val_mos, run.db, args.fit)
                 record.update({f"val_{m}": val_result[m] for m in ("srcc", "plcc")})
-                criterion = val_result["srcc"]
+                criterion = val_result["srcc"] + val_result["plcc"]
             if args.select != "last" and (selected is None or criterion > selected["criterion"]):
                 selected = {"epoch": epoch, "criterion": float(criterion),
                             "modules": {n: _cpu_state(m) for n, m in method.modules().items()}}
