@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
                                      "--no-progress"])
     rows = [("teacher (cube faces)", teacher)] + [(KD_NAMES[kd], students[kd]) for kd in variants]
     print(f"\n== KD-OIQA demo on {db} ({args.folds} folds, last epoch, mean ± std over folds)")
-    print(f"{'model':<22} {'SRCC':>13} {'PLCC':>13}")
+    print(f"{'model':<22} {'SRCC':>15} {'PLCC':>15}")
     for name, run in rows:
-        print(f"{name:<22} {summary_of(run, 'srcc'):>13} {summary_of(run, 'plcc'):>13}")
+        print(f"{name:<22} {summary_of(run, 'srcc'):>15} {summary_of(run, 'plcc'):>15}")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; runs in {runs}")
 
 
