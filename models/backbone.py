@@ -167,3 +167,24 @@ class InputNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
+
+
+class ScoringNet(nn.Module):
+    """What the teacher and the student share: input normalisation, a ResNet trunk, and a linear head
+    that maps a `feature_dim` feature to the score. Subclasses add what lies between trunk and head."""
+
+    kind = ""
+
+    def __init__(self, arch: str, pretrained: bool, weights_path: str | os.PathLike | None, normalize: str,
+                 feature_dim: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.normalize = normalize
+        self.feature_dim = int(feature_dim)
+        self.norm = InputNorm(normalize)
+        self.backbone, self.channels = build_backbone(arch, pretrained=pretrained, weights_path=weights_path)
+        self.head = nn.Linear(self.feature_dim, 1)
+
+    def config(self) -> dict[str, Any]:
+        """Architecture as plain types; ``models.model_from_config`` rebuilds the model from it."""
+        return {"kind": self.kind, "arch": self.arch, "normalize": self.normalize, "feature_dim": self.feature_dim}

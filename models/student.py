@@ -7,16 +7,15 @@ C != feature_dim, e.g. ResNet-50's 2048; identity otherwise, as in the paper's R
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from torch import nn
 
 from common import UserError
-from models.backbone import InputNorm, build_backbone
+from models.backbone import ScoringNet
 
 
-class StudentNet(nn.Module):
+class StudentNet(ScoringNet):
     """Score an omnidirectional image from its ERP projection.
 
     Args:
@@ -32,15 +31,9 @@ class StudentNet(nn.Module):
     def __init__(self, arch: str = "resnet18", pretrained: bool = True,
                  weights_path: str | os.PathLike | None = None, normalize: str = "imagenet",
                  feature_dim: int = 512) -> None:
-        super().__init__()
-        self.arch = arch
-        self.normalize = normalize
-        self.feature_dim = int(feature_dim)
-        self.norm = InputNorm(normalize)
-        self.backbone, channels = build_backbone(arch, pretrained=pretrained, weights_path=weights_path)
-        self.channels = channels
-        self.proj: nn.Module = nn.Linear(channels, self.feature_dim) if channels != self.feature_dim else nn.Identity()
-        self.head = nn.Linear(self.feature_dim, 1)
+        super().__init__(arch, pretrained, weights_path, normalize, feature_dim)
+        self.proj: nn.Module = (nn.Linear(self.channels, self.feature_dim) if self.channels != self.feature_dim
+                                else nn.Identity())
 
     def features(self, erp: torch.Tensor) -> torch.Tensor:
         """The student feature f_s: [B, 3, H, W] -> [B, feature_dim]."""
@@ -52,8 +45,3 @@ class StudentNet(nn.Module):
         """erp [B, 3, H, W] (uint8 or float in [0, 1]) -> (score [B], feature [B, feature_dim])."""
         feature = self.features(erp)
         return self.head(feature).squeeze(-1), feature
-
-    def config(self) -> dict[str, Any]:
-        """Architecture as plain types; ``models.model_from_config`` rebuilds the model from it."""
-        return {"kind": self.kind, "arch": self.arch, "normalize": self.normalize,
-                "feature_dim": self.feature_dim}

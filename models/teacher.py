@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from common import UserError
-from models.backbone import InputNorm, build_backbone
+from models.backbone import ScoringNet
 
 FACE_LAYOUT: tuple[str, ...] = ("F", "R", "BA", "L", "T", "BO")
 NUM_FACES = len(FACE_LAYOUT)
 
 
-class TeacherNet(nn.Module):
+class TeacherNet(ScoringNet):
     """Score an omnidirectional image from its six cube faces (order ``FACE_LAYOUT``).
 
     Args:
@@ -35,17 +35,10 @@ class TeacherNet(nn.Module):
     def __init__(self, arch: str = "resnet18", pretrained: bool = True,
                  weights_path: str | os.PathLike | None = None, normalize: str = "imagenet",
                  feature_dim: int = 512) -> None:
-        super().__init__()
-        self.arch = arch
-        self.normalize = normalize
-        self.feature_dim = int(feature_dim)
+        super().__init__(arch, pretrained, weights_path, normalize, feature_dim)
         self.num_faces = NUM_FACES
         self.face_layout = FACE_LAYOUT
-        self.norm = InputNorm(normalize)
-        self.backbone, channels = build_backbone(arch, pretrained=pretrained, weights_path=weights_path)
-        self.channels = channels
-        self.projector = nn.Linear(NUM_FACES * channels, self.feature_dim)
-        self.head = nn.Linear(self.feature_dim, 1)
+        self.projector = nn.Linear(NUM_FACES * self.channels, self.feature_dim)
 
     def face_features(self, faces: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of each face: [B, 6, 3, h, w] -> [B, 6, C]."""
@@ -63,6 +56,4 @@ class TeacherNet(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Architecture as plain types; ``models.model_from_config`` rebuilds the model from it."""
-        return {"kind": self.kind, "arch": self.arch, "normalize": self.normalize,
-                "feature_dim": self.feature_dim, "num_faces": self.num_faces,
-                "face_layout": list(self.face_layout)}
+        return {**super().config(), "num_faces": self.num_faces, "face_layout": list(self.face_layout)}
