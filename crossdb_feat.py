@@ -11,16 +11,13 @@ makes the cache refuse to load (the same checks as feat_save.py's per-fold files
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
-import engine
 from common import UserError, resolve_device, run_cli, runtime_parser, sha256_file
 from dataset_cross import CrossPair, cross_parser, load_pair
-from models import model_from_config
 from teacher_crossdb_train import SCRIPT as TEACHER_SCRIPT
-from teacher_features import save_features
+from teacher_features import compute_teacher_features, read_teacher_run, save_features, teacher_feature_store
 
 FEATURE_FILE = "all.pt"
 
@@ -56,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def save(args: argparse.Namespace) -> Path:
     """Write the feature file from parsed arguments (also called by crossdb_train.py --matrix)."""
     pair = load_pair(args.database_train, args.database_test, args.data_root)
-    args_path = args.run / "args.json"
-    if not args_path.is_file():
-        raise UserError(f"{args.run}: not a teacher run folder (no args.json); pass "
-                        f"runs/{TEACHER_SCRIPT}/{pair.key}/<run>")
-    teacher_args = json.loads(args_path.read_text())
-    if teacher_args.get("script") != TEACHER_SCRIPT:
-        raise UserError(f"{args_path}: a {teacher_args.get('script')} run, not a {TEACHER_SCRIPT} run")
+    teacher_args = read_teacher_run(args.run, TEACHER_SCRIPT)
     if teacher_args.get("database_name") != pair.train.name:
         raise UserError(f"{args.run}: a teacher trained on {teacher_args.get('database_name')!r}, "
                         f"not on {pair.train.name!r}")
@@ -72,25 +63,15 @@ def save(args: argparse.Namespace) -> Path:
     features_dir = args.features_dir or default_features_dir(pair)
     if features_dir.exists() and not features_dir.is_dir():
         raise UserError(f"{features_dir}: is a file, expected a folder for the feature cache")
-    ckpt, ckpt_path = engine.load_run_checkpoint(args.run, 0)
-    if ckpt.get("kind") != "teacher":
-        raise UserError(f"{ckpt_path}: a {ckpt.get('kind')} checkpoint, not a teacher")
-    if ckpt["epoch"] < ckpt["epochs"]:
-        raise UserError(f"{ckpt_path}: stopped at epoch {ckpt['epoch']} of {ckpt['epochs']}; finish it with "
-                        f"{TEACHER_SCRIPT}.py --resume --out {args.run} (and the same flags)")
     device = resolve_device(args.device)
-    face_size = int(teacher_args["face_size"])
-    data_args = argparse.Namespace(face_size=face_size, erp_size=tuple(teacher_args["erp_size"]),
-                                   workers=args.workers, cache=args.cache, faces=args.faces, amp=args.amp)
     db = pair.train
-    store = engine.ImageStore(db, db.images, "faces", data_args, device, progress=not args.no_progress)
-    model = model_from_config(ckpt["model_config"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    _, feats = engine.infer(model, store, db.images, args.batch_size, engine.autocast_for(data_args, device),
-                            progress=not args.no_progress, desc=f"features {pair.key}")
+    store = teacher_feature_store(db, teacher_args, args, device)
+    feats, ckpt_path = compute_teacher_features(
+        args.run, 0, store, args, device,
+        resume_hint=f"{TEACHER_SCRIPT}.py --resume --out {args.run} (and the same flags)")
     out = feature_path(features_dir)
     save_features(out, db=db, names=db.images, feats=feats, checkpoint=ckpt_path,
-                  checkpoint_sha256=sha256_file(ckpt_path), face_size=face_size, fold=None,
+                  checkpoint_sha256=sha256_file(ckpt_path), face_size=int(teacher_args["face_size"]), fold=None,
                   test_images=pair.test.images, teacher_args=teacher_args,
                   rebuild=rebuild_command(pair, args.run, args.features_dir))
     print(f"wrote {out} ({feats.shape[0]} images of {db.name} x {feats.shape[1]})", flush=True)

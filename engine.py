@@ -150,18 +150,22 @@ class ImageStore:
         self.images = list(dict.fromkeys(images))
         self.row = {name: i for i, name in enumerate(self.images)}
         self.mos = torch.from_numpy(db.scores(self.images).astype(np.float32))
-        self.features = None
+        self.features: torch.Tensor | None = None
         if features is not None:
-            missing = [x for x in self.images if x not in features]
-            if missing:
-                raise UserError(f"teacher features lack {len(missing)} image(s), e.g. {missing[0]!r}")
-            self.features = torch.stack([features[x].float() for x in self.images])
+            self.set_features(features)
         self.dataset = ImageDataset(db, self.images, view, erp_size=args.erp_size, face_size=args.face_size,
                                     faces_source=getattr(args, "faces", "auto"))
         self.mode = self._choose_cache(args.cache, progress)
         self.pixels: torch.Tensor | None = None
         if self.mode != "none":
             self.pixels = self._decode_all(progress)
+
+    def set_features(self, features: dict[str, torch.Tensor]) -> None:
+        """Carry each image's cached teacher feature in its batches (kept on the training device)."""
+        missing = [x for x in self.images if x not in features]
+        if missing:
+            raise UserError(f"teacher features lack {len(missing)} image(s), e.g. {missing[0]!r}")
+        self.features = torch.stack([features[x].float() for x in self.images]).to(self.device)
 
     def _choose_cache(self, request: str, progress: bool) -> str:
         nbytes = len(self.images) * int(np.prod(_pixel_shape(self.view, self.args)))
@@ -244,7 +248,7 @@ class ImageStore:
                  "images": [self.images[i] for i in idx.tolist()], "rows": idx,
                  "n_global": len(idx) if n_global is None else n_global}
         if self.features is not None:
-            batch["teacher_feature"] = self.features[idx].to(self.device, non_blocking=nb)
+            batch["teacher_feature"] = self.features[idx.to(self.features.device)]
         return batch
 
 
@@ -509,10 +513,10 @@ def train_folds(run: Run, build_method: Callable[[int, FoldSplit], Method], *,
         key = (view, id(run.db))
         if key not in store_cache:
             names = run.db.images
-            store_cache[key] = ImageStore(run.db, names, view, args, run.device, features=feats, progress=run.progress)
+            store_cache[key] = ImageStore(run.db, names, view, args, run.device, progress=run.progress)
         store = store_cache[key]
         if feats is not None:
-            store.features = torch.stack([feats[x].float() for x in store.images])
+            store.set_features(feats)
         test_store = store
         if run.test_db is not None:
             tkey = (view, id(run.test_db))

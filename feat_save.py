@@ -11,14 +11,12 @@ teacher makes the cache refuse to load.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
-import engine
 from common import UserError, resolve_device, run_cli, runtime_parser, sha256_file
 from dataset import database_key, load_database, load_folds
-from teacher_features import fold_feature_path, save_features
+from teacher_features import compute_teacher_features, fold_feature_path, read_teacher_run, save_features, teacher_feature_store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,20 +40,7 @@ def rebuild_command(database: str, run: Path, features_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     db = load_database(args.database, args.data_root)
-    args_path = args.run / "args.json"
-    if not args_path.is_file():
-        raise UserError(f"{args.run}: not a teacher run folder (no args.json); pass runs/teacher_train/<db>/<run>")
-    try:
-        teacher_args = json.loads(args_path.read_text(encoding="utf-8"))
-        if not isinstance(teacher_args, dict):
-            raise ValueError("not a JSON object")
-        for key in ("folds_path", "face_size", "erp_size"):
-            if key not in teacher_args:
-                raise ValueError(f"no {key!r}")
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{args_path}: not a readable teacher run record ({err})") from None
-    if teacher_args.get("script") != "teacher_train":
-        raise UserError(f"{args_path}: a {teacher_args.get('script')} run, not a teacher_train run")
+    teacher_args = read_teacher_run(args.run, "teacher_train", required=("folds_path", "face_size", "erp_size"))
     if teacher_args.get("database_name") != db.name:
         raise UserError(f"{args.run}: a teacher of {teacher_args.get('database_name')!r}, not of {db.name!r}")
     folds = load_folds(teacher_args["folds_path"], db)
@@ -69,25 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     if features_dir.exists() and not features_dir.is_dir():
         raise UserError(f"{features_dir}: is a file, expected a folder for the feature cache")
     device = resolve_device(args.device)
-    face_size = int(teacher_args["face_size"])
-    data_args = argparse.Namespace(face_size=face_size, erp_size=tuple(teacher_args["erp_size"]),
-                                   workers=args.workers, cache=args.cache, faces=args.faces, amp=args.amp)
-    store = engine.ImageStore(db, db.images, "faces", data_args, device, progress=not args.no_progress)
-    autocast = engine.autocast_for(data_args, device)
+    store = teacher_feature_store(db, teacher_args, args, device)
     rebuild = rebuild_command(args.database, args.run, features_dir)
     for k in fold_ids:
-        ckpt, ckpt_path = engine.load_run_checkpoint(args.run, k)
-        if ckpt.get("kind") != "teacher":
-            raise UserError(f"{ckpt_path}: a {ckpt.get('kind')} checkpoint, not a teacher")
-        if ckpt["epoch"] < ckpt["epochs"]:
-            raise UserError(f"{ckpt_path}: fold {k} stopped at epoch {ckpt['epoch']} of {ckpt['epochs']}; "
-                            f"finish it with teacher_train.py --resume --out {args.run}")
-        model = engine.model_from_checkpoint(ckpt, ckpt_path).to(device)
-        _, feats = engine.infer(model, store, db.images, args.batch_size, autocast,
-                                progress=not args.no_progress, desc=f"features fold {k}")
+        feats, ckpt_path = compute_teacher_features(args.run, k, store, args, device,
+                                                    resume_hint=f"teacher_train.py --resume --out {args.run}")
         out = fold_feature_path(features_dir, k)
-        save_features(out, db=db, names=db.images, feats=feats, checkpoint=ckpt_path,
-                      checkpoint_sha256=sha256_file(ckpt_path), face_size=face_size, fold=k,
+        save_features(out, db=db, names=store.images, feats=feats, checkpoint=ckpt_path,
+                      checkpoint_sha256=sha256_file(ckpt_path), face_size=int(teacher_args["face_size"]), fold=k,
                       test_images=folds.folds[k].test, teacher_args=teacher_args, rebuild=rebuild)
         print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]})", flush=True)
 

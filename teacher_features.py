@@ -103,3 +103,55 @@ def peek_features(path: Path, rebuild_hint: str) -> dict:
     if not isinstance(record, dict) or "teacher_args" not in record:
         raise UserError(f"{path}: not a KD-OIQA feature file; rebuild with `{rebuild_hint}`")
     return {"teacher_args": record["teacher_args"], "rebuild": record.get("rebuild")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Computing the features of a teacher run (feat_save.py per fold, crossdb_feat.py for a pair).
+
+def read_teacher_run(run: Path, script: str, required: Sequence[str] = ("face_size", "erp_size")) -> dict:
+    """The teacher run's args.json, checked to be a finished run record of `script`."""
+    import json
+
+    args_path = Path(run) / "args.json"
+    if not args_path.is_file():
+        raise UserError(f"{run}: not a teacher run folder (no args.json); pass runs/{script}/<database>/<run>")
+    try:
+        teacher_args = json.loads(args_path.read_text(encoding="utf-8"))
+        if not isinstance(teacher_args, dict):
+            raise ValueError("not a JSON object")
+        for key in required:
+            if key not in teacher_args:
+                raise ValueError(f"no {key!r}")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{args_path}: not a readable teacher run record ({err})") from None
+    if teacher_args.get("script") != script:
+        raise UserError(f"{args_path}: a {teacher_args.get('script')} run, not a {script} run")
+    return teacher_args
+
+
+def teacher_feature_store(db: Database, teacher_args: dict, args, device: torch.device):
+    """The faces of every image of `db` at the teacher's face size, decoded once for every fold."""
+    import argparse
+
+    import engine
+
+    data_args = argparse.Namespace(face_size=int(teacher_args["face_size"]), erp_size=tuple(teacher_args["erp_size"]),
+                                   workers=args.workers, cache=args.cache, faces=args.faces, amp=args.amp)
+    return engine.ImageStore(db, db.images, "faces", data_args, device, progress=not args.no_progress)
+
+
+def compute_teacher_features(run: Path, fold: int, store, args, device: torch.device, *,
+                             resume_hint: str) -> tuple[torch.Tensor, Path]:
+    """The 512-d feature of every image of the store from fold `fold`'s finished teacher checkpoint."""
+    import engine
+
+    ckpt, ckpt_path = engine.load_run_checkpoint(run, fold)
+    if ckpt.get("kind") != "teacher":
+        raise UserError(f"{ckpt_path}: a {ckpt.get('kind')} checkpoint, not a teacher")
+    if ckpt["epoch"] < ckpt["epochs"]:
+        raise UserError(f"{ckpt_path}: fold {fold} stopped at epoch {ckpt['epoch']} of {ckpt['epochs']}; "
+                        f"finish it with {resume_hint}")
+    model = engine.model_from_checkpoint(ckpt, ckpt_path).to(device)
+    _, feats = engine.infer(model, store, store.images, args.batch_size, engine.autocast_for(args, device),
+                            progress=not args.no_progress, desc=f"teacher features ({ckpt_path.parent.name})")
+    return feats, ckpt_path
