@@ -127,6 +127,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def completed(futures: dict) -> Iterator[tuple[Any, Any]]:
+    """(key, result) of a {future: key} dict as the futures finish; on any error, or when the caller
+    stops early, the futures not yet started are cancelled before the error goes on."""
+    import concurrent.futures
+
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            yield futures[future], future.result()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeds and provenance.
 

@@ -15,13 +15,13 @@ import argparse
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_path, parse_size, run_cli
+from common import UserError, atomic_path, completed, parse_size, run_cli
 from dataset import (
     Database,
     check_files_exist,
@@ -171,15 +171,11 @@ def resize_database(db: Database, erp_size: tuple[int, int] = (1024, 512), worke
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(_resize_one, db, image, erp_size): image for image in todo}
         try:
-            for future in as_completed(futures):
-                if not future.result():
-                    summary.not_two_to_one.append(futures[future])
-                summary.written.append(futures[future])
+            for image, two_to_one in completed(futures):
+                if not two_to_one:
+                    summary.not_two_to_one.append(image)
+                summary.written.append(image)
                 bar.update(1)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
         finally:
             bar.close()
     order = {image: i for i, image in enumerate(chosen)}

@@ -88,7 +88,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
-from common import UserError, atomic_path, atomic_write_csv, parse_size, run_cli
+from common import UserError, atomic_path, atomic_write_csv, completed, parse_size, run_cli
 
 # ----------------------------------------------------------------------------------------------
 # Parameters (documented in the module docstring and in database.json).
@@ -620,13 +620,8 @@ def run_jobs(jobs: list[ContentJob], workers: int) -> list[dict[str, Any]]:
             context = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
                 futures = {pool.submit(_worker_main, job): job.index for job in jobs}
-                try:
-                    for future in concurrent.futures.as_completed(futures):
-                        done(futures[future], future.result())
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+                for index, rows in completed(futures):
+                    done(index, rows)
     finally:
         bar.close()
     return [row for index in sorted(results) for row in results[index]]
