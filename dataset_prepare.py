@@ -1,11 +1,11 @@
 """Write a database's `meta.csv` from its own release, and import the authors' fold files.
 
-Called by `dataset.py` (`prepare` and `folds --authors`); usable from Python too:
+Used by `dataset.py` (`prepare` and `folds --authors`):
 
-    python dataset.py prepare --database OIQA --root data/OIQA --scores data/OIQA/MOS/360IQA_MOS.mat
-    python dataset.py prepare --database OIQA --root data/OIQA --score mos --with-references
-    python dataset.py prepare --database CVIQ --root data/CVIQ --scores path/to/kd-oiqa/data/CVIQ.csv
-    python dataset.py prepare --database IQA-ODI --root data/IQA-ODI --scores path/to/IQA-ODI_1080.csv
+    python dataset.py prepare --database OIQA --root data/OIQA --score-file data/OIQA/MOS/360IQA_MOS.mat
+    python dataset.py prepare --database OIQA --root data/OIQA --score-kind mos --with-references
+    python dataset.py prepare --database CVIQ --root data/CVIQ --score-file path/to/kd-oiqa/data/CVIQ.csv
+    python dataset.py prepare --database IQA-ODI --root data/IQA-ODI --score-file path/to/IQA-ODI_1080.csv
     python dataset.py folds --database OIQA --authors path/to/kd-oiqa/data/OIQA   # folds/authors.json
 
 What each parser writes (one row per scored image; `level` 1 is always the mildest):
@@ -39,16 +39,8 @@ import numpy as np
 import pandas as pd
 
 from common import UserError, atomic_write_csv, atomic_write_json
-from dataset import (
-    IMAGE_SUFFIXES,
-    Database,
-    DatabaseSpec,
-    FoldSet,
-    FoldSplit,
-    image_stem,
-    read_meta,
-    registry_lookup,
-)
+from databases import IMAGE_SUFFIXES, Database, DatabaseSpec, image_stem, read_meta, registry_lookup
+from folds import FoldSet, FoldSplit
 
 META_COLUMNS = ("image", "mos", "ref", "distortion", "level")
 
@@ -140,7 +132,7 @@ def _only_oiqa_options(opts: PrepareOptions, name: str) -> None:
     if opts.with_references:
         raise UserError(f"--with-references is for OIQA only: {name}'s score file lists its references already")
     if opts.score != "mosz":
-        raise UserError(f"--score {opts.score} is for OIQA only: {name} has one score per image")
+        raise UserError(f"--score-kind {opts.score} is for OIQA only: {name} has one score per image")
 
 
 def _expect_count(path: Path, rows: Sequence, expected: int, what: str) -> None:
@@ -184,7 +176,7 @@ def parse_oiqa(root: Path, scores: Path, opts: PrepareOptions) -> Parsed:
         raise UserError(f"{scores}: not a readable MATLAB .mat file ({str(err).splitlines()[0] if str(err) else ''})") from None
     key = {"mosz": "MOSz", "mos": "MOS"}.get(opts.score)
     if key is None:
-        raise UserError(f"--score must be mosz or mos, got {opts.score!r}")
+        raise UserError(f"--score-kind must be mosz or mos, got {opts.score!r}")
     values = _oiqa_array(mat, key, scores)
     distorted = FolderIndex(root / "distorted_images")
     rows = []
@@ -292,11 +284,12 @@ PREPARERS: dict[str, Preparer] = {
 }
 
 
-def preparer_for(database: str) -> tuple[DatabaseSpec, Preparer]:
+def preparer_for(database: str, root: Path) -> tuple[DatabaseSpec, Preparer]:
     spec = registry_lookup(database)
     if spec is None or spec.name not in PREPARERS:
         known = ", ".join(PREPARERS)
-        extra = (f"; {spec.name} needs no preparation (its maker writes meta.csv)" if spec is not None else "")
+        extra = (f"; {spec.name} needs no preparation: make it with `python make_synthetic_db.py --out {root}`"
+                 if spec is not None else "")
         raise UserError(f"cannot prepare {database!r}: known databases are {known}{extra}; "
                         f"any other database only needs a meta.csv (image,mos,ref)")
     return spec, PREPARERS[spec.name]
@@ -317,14 +310,14 @@ def find_score_file(scores: Path | None, root: Path, names: Sequence[str]) -> Pa
             below = sorted(p for p in folder.glob(f"*/{name}") if p.is_file())
             if below:
                 return below[0]
-    raise UserError(f"{folder}: no {' or '.join(names)} here or one folder below; pass --scores FILE")
+    raise UserError(f"{folder}: no {' or '.join(names)} here or one folder below; pass --score-file FILE")
 
 
 def prepare(database: str, root: Path, scores: Path | None = None, *, score: str = "mosz",
             with_references: bool = False, check_files: bool = True) -> Path:
     """Write `root/meta.csv` and `root/database.json` for a registered database; return the meta path."""
-    spec, preparer = preparer_for(database)
     root = Path(root)
+    spec, preparer = preparer_for(database, root)
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: is a file; --root takes the database folder")
     if check_files and not root.is_dir():

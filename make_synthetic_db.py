@@ -1,71 +1,17 @@
 """Make a small OIQA-style omnidirectional image quality database, for the demo and the tests.
 
-Each content is a 360-degree equirectangular (ERP) reference image plus 20 distorted versions
-(JPEG, JPEG2000, white Gaussian noise, Gaussian blur; 5 levels each, level 5 the strongest),
-scored with a full-reference pseudo-MOS computed on the six cube-face viewports.
+Each content is a procedural 360-degree ERP reference plus 20 distorted versions (JPEG, JPEG2000,
+white noise, blur; 5 levels each), scored with a pseudo-MOS computed on the six cube faces
+(`--help` and DETAILS below say how). Lossless PNGs; built in a staging folder and moved into
+place, meta.csv last, so a failed run leaves no half-written database. The database is named
+after its folder (`--name` to choose), so two such databases never share a run or cache folder.
 
-Examples:
-
-    # the demo database: 8 procedural contents x 21 images, 512x256 (seconds on 2 CPU cores)
-    python make_synthetic_db.py --out data/Synthetic
-    # a bigger one, another seed
+    python make_synthetic_db.py --out data/Synthetic               # 8 contents x 21 images, 512x256
     python make_synthetic_db.py --out data/Synthetic --contents 16 --size 1024x512 --seed 1 --overwrite
-    # your own panoramas (every .jpg/.jpeg/.png/.bmp/.tif/.tiff in the folder, sorted by name)
-    python make_synthetic_db.py --out data/MyPanos --sources ~/panoramas --contents 4
+    python make_synthetic_db.py --out data/MyPanos --sources ~/panoramas --contents 4   # your panoramas
 
-Output (DIR = --out):
-
-    DIR/images/c00_ref.png, DIR/images/c00_{jpeg,jp2k,wgn,blur}_{1..5}.png, c01_..., ...
-    DIR/meta.csv       image, mos, ref, distortion, level   (level 0 = the reference)
-    DIR/database.json  name, higher_is_better=true, score_range=[0, 100], description, generator
-
-Every image is stored as lossless PNG, so the stored pixels are exactly the decoded distorted
-ones. Everything is built in a hidden staging folder beside DIR and moved into place at the end,
-meta.csv last: a failed or interrupted run leaves no meta.csv (and no half-written database).
-
-Content. Procedural scenes are defined on the sphere, not on the ERP grid: every ERP pixel's
-direction (longitude 0 at the centre column, positive to the right; latitude positive up) is
-turned into a unit vector and the scene is evaluated on it, so the image is continuous across
-the +-180 degree seam and at the poles. A scene is a sky gradient with a sun and clouds above a
-slightly tilted horizon, a textured ground (sums of random 3-D sinusoids of the unit vector,
-octaves up to a few pixels' wavelength), and 4-9 objects (spherical caps at random directions
-with random angular radii; solid, striped, checkered or ringed), with a random palette. The
-content of index k depends only on (--seed, k) and --size: numpy Generator seeded [seed, k, 0].
-
-Distortions, levels 1..5 (pixel / PIL units, the same at every --size but for jp2k):
-
-    jpeg  PIL JPEG quality                {JPEG_QUALITY}
-    jp2k  PIL JPEG2000 compression ratio  {JP2K_RATIO}
-          (quality_mode="rates", 9/7 wavelet; below 512x256 pixels the ratios shrink with the
-          pixel count - the same byte budget - since the codestream's fixed overhead leaves
-          nothing of a small image at high ratios)
-    wgn   white Gaussian noise, sigma     {WGN_SIGMA}
-          (0..255 units; numpy Generator seeded [seed, k, 1, level])
-    blur  PIL GaussianBlur radius (px)    {BLUR_RADIUS}
-          (padded with the image's own continuation across the seam and over the poles, so the
-          blurred ERP stays continuous on the sphere)
-
-Pseudo-MOS (higher is better, 0..100). Reference and distorted ERP images are projected onto the
-six 90-degree cube faces (F, R, BA, L, T, BO; `viewport.project.cube_faces`, antialiased, face
-side = the paper's native size 8 * floor(W / pi / 8), 160 px for a 512 px wide ERP, where a face
-centre has the ERP's own resolution) - the viewports an observer in a headset sees, so the
-over-sampled polar rows of the ERP count no more than the equator. On each face, SSIM (Wang et
-al. 2004: luma Y = 0.299 R + 0.587 G + 0.114 B in 0..255, 11x11 Gaussian window with sigma 1.5,
-C1 = (0.01*255)^2, C2 = (0.03*255)^2, mean over the valid region) compares the distorted face
-with the reference face; the six are averaged into S, and
-
-    mos = 100 * clip(S, 0, 1) ** {MOS_EXPONENT}
-
-(the exponent spreads the high SSIM values of mild distortions over the scale), plus a small
-seeded "observer noise" on the distorted images: uniform in +-a where
-a = min({NOISE_MAX}, 0.45 * the smaller MOS gap to the neighbouring levels of the same content and
-distortion, the reference counting as level 0), so it never changes the order within a series.
-The reference scores 100. MOS values are rounded to 3 decimals. For procedural contents the
-generator checks that MOS strictly decreases with the level in every series (and fails if not);
-for --sources it warns.
-
-Deterministic: the same arguments give byte-identical meta.csv and identical images, whatever
---workers is (torch runs single-threaded inside the measure).
+Output: DIR/images/c00_ref.png, c00_{jpeg,jp2k,wgn,blur}_{1..5}.png, ...; DIR/meta.csv (image, mos,
+ref, distortion, level; level 0 = the reference); DIR/database.json (name, score direction, range).
 """
 from __future__ import annotations
 
@@ -108,10 +54,52 @@ MIN_WIDTH = 128
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 
-for _key, _value in {"JPEG_QUALITY": JPEG_QUALITY, "JP2K_RATIO": JP2K_RATIO, "WGN_SIGMA": WGN_SIGMA,
-                     "BLUR_RADIUS": BLUR_RADIUS, "MOS_EXPONENT": MOS_EXPONENT, "NOISE_MAX": NOISE_MAX}.items():
-    __doc__ = __doc__.replace("{" + _key + "}", str(_value))
-del _key, _value
+
+DETAILS = """\
+Content. Procedural scenes are defined on the sphere, not on the ERP grid: every ERP pixel's
+direction (longitude 0 at the centre column, positive to the right; latitude positive up) is
+turned into a unit vector and the scene is evaluated on it, so the image is continuous across
+the +-180 degree seam and at the poles. A scene is a sky gradient with a sun and clouds above a
+slightly tilted horizon, a textured ground (sums of random 3-D sinusoids of the unit vector,
+octaves up to a few pixels' wavelength), and 4-9 objects (spherical caps at random directions
+with random angular radii; solid, striped, checkered or ringed), with a random palette. The
+content of index k depends only on (--seed, k) and --size: numpy Generator seeded [seed, k, 0].
+
+Distortions, levels 1..5 (pixel / PIL units, the same at every --size but for jp2k):
+
+    jpeg  PIL JPEG quality                (30, 15, 8, 5, 2)
+    jp2k  PIL JPEG2000 compression ratio  (40.0, 100.0, 200.0, 400.0, 1000.0)
+          (quality_mode="rates", 9/7 wavelet; below 512x256 pixels the ratios shrink with the
+          pixel count - the same byte budget - since the codestream's fixed overhead leaves
+          nothing of a small image at high ratios)
+    wgn   white Gaussian noise, sigma     (2.5, 4.5, 6.5, 9.0, 13.0)
+          (0..255 units; numpy Generator seeded [seed, k, 1, level])
+    blur  PIL GaussianBlur radius (px)    (0.9, 1.5, 2.4, 4.0, 8.0)
+          (padded with the image's own continuation across the seam and over the poles, so the
+          blurred ERP stays continuous on the sphere)
+
+Pseudo-MOS (higher is better, 0..100). Reference and distorted ERP images are projected onto the
+six 90-degree cube faces (F, R, BA, L, T, BO; `viewport.project.cube_faces`, antialiased, face
+side = the paper's native size 8 * floor(W / pi / 8), 160 px for a 512 px wide ERP, where a face
+centre has the ERP's own resolution) - the viewports an observer in a headset sees, so the
+over-sampled polar rows of the ERP count no more than the equator. On each face, SSIM (Wang et
+al. 2004: luma Y = 0.299 R + 0.587 G + 0.114 B in 0..255, 11x11 Gaussian window with sigma 1.5,
+C1 = (0.01*255)^2, C2 = (0.03*255)^2, mean over the valid region) compares the distorted face
+with the reference face; the six are averaged into S, and
+
+    mos = 100 * clip(S, 0, 1) ** 6.0
+
+(the exponent spreads the high SSIM values of mild distortions over the scale), plus a small
+seeded "observer noise" on the distorted images: uniform in +-a where
+a = min(1.0, 0.45 * the smaller MOS gap to the neighbouring levels of the same content and
+distortion, the reference counting as level 0), so it never changes the order within a series.
+The reference scores 100. MOS values are rounded to 3 decimals. For procedural contents the
+generator checks that MOS strictly decreases with the level in every series (and fails if not);
+for --sources it warns.
+
+Deterministic: the same arguments give byte-identical meta.csv and identical images, whatever
+--workers is (torch runs single-threaded inside the measure).
+"""
 
 DESCRIPTION = (
     "Pseudo-MOS, higher is better, 0..100: reference and distorted ERP are projected onto the six "
@@ -555,8 +543,8 @@ _seed = _int_at_least(0, "non-negative")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make_synthetic_db.py",
-        description=__doc__[:__doc__.index("Content. ")].rstrip(),
-        epilog=__doc__[__doc__.index("Distortions, levels"):].rstrip(),
+        description=__doc__,
+        epilog=DETAILS,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="database folder to write (created)")
     parser.add_argument("--contents", type=_positive_int, default=8,
@@ -564,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=lambda t: parse_size(t, name="--size"), default=(512, 256),
                         metavar="WxH", help=f"ERP size, width = 2 x height, width >= {MIN_WIDTH} [512x256]")
     parser.add_argument("--seed", type=_seed, default=0, help="seed for contents and noise [0]")
+    parser.add_argument("--name", default=None,
+                        help="the database's name in database.json and in run folders [the --out folder's name]")
     parser.add_argument("--sources", type=Path, default=None,
                         help="folder of your own ERP panoramas to use instead of procedural scenes")
     parser.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
@@ -630,7 +620,7 @@ def run_jobs(jobs: list[ContentJob], workers: int) -> list[dict[str, Any]]:
 def database_info(args: argparse.Namespace, jobs: list[ContentJob]) -> dict[str, Any]:
     width, height = args.size
     info: dict[str, Any] = {
-        "name": args.sources.resolve().name if args.sources else "Synthetic",
+        "name": args.name or args.out.resolve().name,
         "higher_is_better": True,
         "score_range": [0, 100],
         "description": DESCRIPTION,

@@ -253,9 +253,19 @@ def _corr(func: Any, x: np.ndarray, y: np.ndarray) -> float:
     return value if math.isfinite(value) else 0.0
 
 
-def evaluate(pred: Any, mos: Any, higher_is_better: bool = True, fit: str = "logistic4",
-             train_higher_is_better: bool | None = None) -> dict[str, Any]:
-    """SRCC, KRCC (tau-b), PLCC and RMSE of predictions against subjective scores.
+@dataclass(frozen=True)
+class Evaluation:
+    """The metrics of one set of predictions, with the one fitted mapping they were computed after
+    (reused for the `fitted` column of predictions.csv and the curve of scatter.png)."""
+
+    metrics: dict[str, Any]
+    fit: FitResult
+    target: np.ndarray   # the scores the metrics were computed against (negated when sign_flipped)
+
+
+def assess(pred: Any, mos: Any, higher_is_better: bool = True, fit: str = "logistic4",
+           train_higher_is_better: bool | None = None) -> Evaluation:
+    """SRCC, KRCC (tau-b), PLCC and RMSE of predictions against subjective scores, and the fit.
 
     Args:
         pred: model predictions (1-D; list, numpy array or torch tensor).
@@ -268,19 +278,18 @@ def evaluate(pred: Any, mos: Any, higher_is_better: bool = True, fit: str = "log
             ``sign_flipped`` is True. When None, the model is taken to regress the test score
             itself and nothing is flipped.
 
-    Returns:
-        dict with srcc, krcc, plcc, rmse, n, fit (mapping used), fit_fallback (reason or None),
-        fit_params (list of floats), sign_flipped (bool). Undefined correlations (constant
-        predictions or scores) are 0.0, never NaN. RMSE is in the units of the test score.
-        PLCC is taken after the fitted mapping, which can itself turn decreasing, so PLCC is
-        (as usual in IQA) non-negative for any monotone relation; SRCC/KRCC keep the sign.
+    The metrics dict holds srcc, krcc, plcc, rmse, n, fit (mapping used), fit_fallback (reason or
+    None), fit_params (list of floats), sign_flipped (bool). Undefined correlations (constant
+    predictions or scores) are 0.0, never NaN. RMSE is in the units of the test score. PLCC is
+    taken after the fitted mapping, which can itself turn decreasing, so PLCC is (as usual in
+    IQA) non-negative for any monotone relation; SRCC/KRCC keep the sign.
     """
     x, y = _check_pair(pred, mos)
     sign_flipped = train_higher_is_better is not None and bool(train_higher_is_better) != bool(higher_is_better)
     target = -y if sign_flipped else y
     result = fit_logistic(x, target, kind=fit)
     fitted = result.predict(x)
-    return {
+    values = {
         "srcc": _corr(stats.spearmanr, x, target),
         "krcc": _corr(stats.kendalltau, x, target),
         "plcc": _corr(stats.pearsonr, fitted, target),
@@ -291,6 +300,13 @@ def evaluate(pred: Any, mos: Any, higher_is_better: bool = True, fit: str = "log
         "fit_params": list(result.params),
         "sign_flipped": bool(sign_flipped),
     }
+    return Evaluation(values, result, target)
+
+
+def evaluate(pred: Any, mos: Any, higher_is_better: bool = True, fit: str = "logistic4",
+             train_higher_is_better: bool | None = None) -> dict[str, Any]:
+    """The metrics dict of `assess` (see there)."""
+    return assess(pred, mos, higher_is_better, fit, train_higher_is_better).metrics
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,16 +1,18 @@
 """Score 360-degree (ERP) images with a trained KD-OIQA model.
 
-A student checkpoint needs only the ERP image (resized to its training size); a teacher
-checkpoint gets its six cube faces extracted on the fly, on the same device. Any image size and
-mode (grayscale, RGBA, palette) is accepted. Prints `image<TAB>score`; the header line states the
-scale and direction of the training database's scores.
+Give a checkpoint, a fold folder, or a whole run folder: with a run folder every fold's model
+scores every image and the output gives their mean and spread (and each fold's score in the CSV).
+A student needs only the ERP image (resized to its training size); a teacher gets its six cube
+faces projected on the fly, on the same device. Any image size and mode is accepted. An
+unreadable file is reported and skipped, the rest scored, and the exit code is 1 at the end
+(`--strict`: stop at the first). Prints `image<TAB>score` after a header line stating the scale
+and direction of the training database's scores.
 
-    python predict.py runs/mask_train/OIQA/<run>/fold0/checkpoint.pt my_panorama.jpg
-    python predict.py runs/mask_train/OIQA/<run>/fold0/checkpoint.pt photos/ --csv scores.csv
+    python predict.py runs/mask_train/<key>/<run> my_360_photos/ --csv scores.csv
+    python predict.py runs/mask_train/<key>/<run>/fold0/checkpoint.pt my_panorama.jpg
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,22 +22,27 @@ import numpy as np
 import pandas as pd
 import torch
 
-import engine
-from common import UserError, atomic_write_csv, load_checkpoint, resolve_device, run_cli
-from dataset import IMAGE_SUFFIXES, is_two_to_one, read_rgb, resize_rgb, to_chw
+from checkpoints import find_checkpoints, load_checkpoint, model_from_checkpoint
+from cli import Parser, default_threads, positive
+from common import UserError, atomic_write_csv, first_line, run_cli
+from databases import IMAGE_SUFFIXES
+from distributed import resolve_device
+from engine import autocast_for
+from images import is_two_to_one, project_faces, read_rgb, resize_rgb, to_chw
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a fold<k>/checkpoint.pt of mask_train.py or teacher_train.py")
+def build_parser() -> Parser:
+    parser = Parser(description=__doc__)
+    parser.add_argument("model", type=Path, help="a checkpoint.pt, a fold folder or a run folder (every fold)")
     parser.add_argument("inputs", nargs="+", type=Path, help="ERP image files or folders (searched recursively)")
-    parser.add_argument("--csv", type=Path, default=None, help="also write image,score to this CSV")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the scores to this CSV")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=4, help="decoding threads")
-    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="none",
-                        help="mixed precision for inference (default none: exact scores)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--batch-size", type=positive, default=16, help="images per forward pass")
+    parser.add_argument("--threads", type=positive, default=default_threads(), help="decoding threads")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                        help="mixed precision (auto: bf16 on CUDA, none on CPU)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
 
@@ -56,73 +63,118 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     return images
 
 
-def prepared_pixels(path: Path, kind: str, erp_size: tuple[int, int], face_size: int) -> torch.Tensor:
-    """The model's input for one image: the resized ERP [3,H,W] or the full-resolution ERP for faces."""
+def check_csv(csv: Path | None) -> None:
+    """Checked before any work: a bad --csv leaves nothing half-done."""
+    if csv is None:
+        return
+    if csv.is_dir():
+        raise UserError(f"{csv}: is a folder; --csv takes a file path")
+    blocking = next((p for p in csv.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"{blocking}: is a file, so --csv {csv} cannot be written")
+
+
+def load_models(target: Path, device: torch.device) -> tuple[list[torch.nn.Module], list[Path], dict]:
+    """The models of a checkpoint / fold / run folder, and the first checkpoint's record (they must agree)."""
+    paths = find_checkpoints(target)
+    ckpts = [load_checkpoint(p) for p in paths]
+    first = ckpts[0]
+    if first.get("kind") not in ("student", "teacher"):
+        raise UserError(f"{paths[0]}: unknown model kind {first.get('kind')!r}")
+    for path, ckpt in zip(paths[1:], ckpts[1:]):
+        if (ckpt.get("kind"), ckpt["settings"]["data"]) != (first.get("kind"), first["settings"]["data"]):
+            raise UserError(f"{path}: another kind of model or input than {paths[0]}; score with one at a time")
+    models = [model_from_checkpoint(c, p).to(device).eval() for c, p in zip(ckpts, paths)]
+    return models, paths, first
+
+
+def prepared(path: Path, kind: str, erp_size: tuple[int, int]) -> torch.Tensor:
+    """The model's input for one image: the resized ERP [3,H,W], or the full ERP for a teacher's faces."""
     pixels = read_rgb(path)
     height, width = pixels.shape[:2]
     if not is_two_to_one(width, height):
         print(f"warning: {path}: {width}x{height} is not a 2:1 equirectangular image; scoring it anyway",
               file=sys.stderr)
-    if kind == "student":
-        return to_chw(resize_rgb(pixels, erp_size))
-    return to_chw(pixels)
+    return to_chw(resize_rgb(pixels, erp_size) if kind == "student" else pixels)
 
 
-def batches(paths: list[Path], batch_size: int, load, workers: int) -> Iterator[tuple[list[Path], list[torch.Tensor]]]:
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            yield chunk, list(pool.map(load, chunk))
+def decoded(paths: list[Path], load, threads: int, strict: bool,
+            skipped: list[str]) -> Iterator[tuple[Path, torch.Tensor]]:
+    """(path, pixels) of every readable image in order, decoded `threads` at a time; unreadable ones
+    are listed in `skipped` (or, with `strict`, stop everything)."""
+    def attempt(path: Path):
+        try:
+            return load(path)
+        except UserError as err:
+            if strict:
+                raise
+            return err
+
+    with ThreadPoolExecutor(threads) as pool:
+        for path, value in zip(paths, pool.map(attempt, paths)):
+            if isinstance(value, UserError):
+                skipped.append(first_line(value, 300))
+                print(f"skipped: {first_line(value, 300)}", file=sys.stderr)
+            else:
+                yield path, value
 
 
-def main(argv: list[str] | None = None) -> None:
+def batched(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.csv is not None:  # checked before any work: a bad --csv leaves nothing half-done
-        if args.csv.is_dir():
-            raise UserError(f"{args.csv}: is a folder; --csv takes a file path")
-        blocking = next((p for p in args.csv.parents if p.exists()), None)
-        if blocking is not None and not blocking.is_dir():
-            raise UserError(f"{blocking}: is a file, so --csv {args.csv} cannot be written")
-    ckpt = load_checkpoint(args.checkpoint)
-    kind = ckpt.get("kind")
-    if kind not in ("student", "teacher"):
-        raise UserError(f"{args.checkpoint}: unknown model kind {kind!r}")
-    paths = collect_images(args.inputs)
+    check_csv(args.csv)
     device = resolve_device(args.device)
-    model = engine.model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
-    train_args = ckpt["args"]
-    erp_size = tuple(train_args.get("erp_size", (1024, 512)))
-    face_size = int(train_args.get("face_size", 256))
-    scale = ckpt.get("target_scale", {"offset": 0.0, "scale": 1.0})
-    autocast = engine.autocast_for(argparse.Namespace(amp=args.amp), device)
-    database = ckpt.get("database", {})
+    models, paths, ckpt = load_models(args.model, device)
+    images = collect_images(args.inputs)
+    kind, data = ckpt["kind"], ckpt["settings"]["data"]
+    erp_size, face_size, quality = tuple(data["erp_size"]), int(data["face_size"]), data.get("face_jpeg_quality")
+    scale, database = ckpt["target_scale"], ckpt["database"]
+    autocast = autocast_for(args.amp, device)
 
     from tqdm import tqdm
 
-    from viewport.project import cube_faces
-
-    scores = []
-    with torch.no_grad(), tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr) as bar:
-        load = lambda p: prepared_pixels(p, kind, erp_size, face_size)  # noqa: E731
-        for _chunk, pixels in batches(paths, args.batch_size, load, args.workers):
+    names, scores, skipped = [], [], []
+    with torch.no_grad(), tqdm(total=len(images), unit="img", disable=not args.progress, file=sys.stderr) as bar:
+        stream = decoded(images, lambda p: prepared(p, kind, erp_size), args.threads, args.strict, skipped)
+        for batch in batched(stream, args.batch_size):
             if kind == "student":
-                inputs = torch.stack(pixels).to(device)
-            else:  # sizes differ: faces per image, on the device, then one batch
-                inputs = torch.stack([cube_faces(p.to(device), face_size, antialias=True) for p in pixels])
+                inputs = torch.stack([pixels for _, pixels in batch]).to(device)
+            else:  # sizes differ: faces per image on the device, then one batch
+                inputs = torch.cat([project_faces(p[None].to(device), face_size, quality) for _, p in batch])
             with autocast():
-                out = model(inputs)[0].float().cpu().numpy()
-            scores.append(out * scale["scale"] + scale["offset"])
-            bar.update(len(pixels))
-    values = np.concatenate(scores).astype(np.float64)
+                outs = [model(inputs)[0].float().cpu().numpy() for model in models]
+            scores.append(np.stack(outs, axis=1) * scale["scale"] + scale["offset"])
+            names += [str(path) for path, _ in batch]
+            bar.update(len(batch))
+    values = np.concatenate(scores).astype(np.float64) if scores else np.zeros((0, len(models)))
     direction = "higher is better" if database.get("higher_is_better", True) else "higher is worse (DMOS)"
     lo, hi = database.get("score_range", [float("nan"), float("nan")])
-    print(f"# {kind} trained on {database.get('name', '?')}: scores on its scale {lo:g}-{hi:g}, {direction}")
-    for path, value in zip(paths, values):
-        print(f"{path}\t{value:.4f}")
+    folds = f"mean and std of {len(models)} folds' models" if len(models) > 1 else "one model"
+    print(f"# {kind} trained on {database.get('name', '?')} ({folds}): scores on its scale {lo:g}-{hi:g}, {direction}")
+    frame = pd.DataFrame({"image": names, "score": values.mean(axis=1)})
+    if len(models) > 1:
+        frame["std"] = values.std(axis=1, ddof=1)
+        for i, path in enumerate(paths):
+            frame[path.parent.name] = values[:, i]
+    for row in frame.itertuples(index=False):
+        print(f"{row.image}\t{row.score:.4f}" + (f"\t{row.std:.4f}" if len(models) > 1 else ""))
     if args.csv is not None:
-        atomic_write_csv(args.csv, pd.DataFrame({"image": [str(p) for p in paths], "score": values}))
+        atomic_write_csv(args.csv, frame)
+    if skipped:
+        print(f"error: {len(skipped)} of {len(images)} image(s) unreadable and skipped: {'; '.join(skipped)}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

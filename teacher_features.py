@@ -1,53 +1,100 @@
 """The teacher-feature cache: one file per fold, refused when it no longer matches.
 
-`features/<database>/fold<k>.pt` = {names, feats [N, 512] float32, teacher checkpoint path and
-SHA-256, face layout and size, the fold's test images, the teacher's args}. Loading checks the
-names against meta.csv, the hash against the checkpoint and the fold against the student's fold:
-a stale or mismatched cache is refused with the command that rebuilds it.
+`features/<database key>/fold<k>.pt` (cross-database: `features/<A>-to-<B>/all.pt`) =
+{names, feats [N, 512] float32, the database's identity, the fold and its test images, the
+split's digest, the face layout and size, provenance}. The provenance is a teacher run (its
+checkpoint's path and SHA-256, protocol) or the authors' release (their folds, file digests).
+Loading checks the database identity, the names against meta.csv, the fold against the student's
+split and the checkpoint's hash: a stale or mismatched cache is refused with the command that
+rebuilds it.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shlex
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
-from common import UserError, atomic_torch_save, jsonable, sha256_file
-from dataset import Database
+from common import UserError, atomic_torch_save, jsonable, sha256_file, torch_load
+from databases import Database, database_key, image_stem
 from models import FACE_LAYOUT
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CROSS_FILE = "all.pt"
 
 
 def fold_feature_path(features_dir: str | Path, fold: int) -> Path:
     return Path(features_dir) / f"fold{fold}.pt"
 
 
+def default_features_dir(key: str) -> Path:
+    """`features/<database key>` (cross-database: `features/<A>-to-<B>`)."""
+    return Path("features") / key
+
+
 def images_digest(images: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(images)).encode()).hexdigest()
 
 
-def save_features(path: Path, *, db: Database, names: Sequence[str], feats: torch.Tensor, checkpoint: Path,
-                  checkpoint_sha256: str, face_size: int, fold: int | None, test_images: Sequence[str],
-                  teacher_args: dict, rebuild: str) -> None:
-    record = {
+def feat_save_command(database: str, run: str | Path, features_dir: str | Path | None = None) -> str:
+    """The command that (re)builds a database's per-fold features from a teacher run."""
+    words = ["python feat_save.py", "--database", shlex.quote(str(database)), "--run", shlex.quote(str(run))]
+    if features_dir is not None:
+        words += ["--features-dir", shlex.quote(str(features_dir))]
+    return " ".join(words)
+
+
+def crossdb_feat_command(train: str, test: str, run: str | Path, features_dir: str | Path | None = None) -> str:
+    """The command that (re)builds a cross-database pair's features from its teacher run."""
+    words = ["python crossdb_feat.py", "--database-train", shlex.quote(train), "--database-test", shlex.quote(test),
+             "--run", shlex.quote(str(run))]
+    if features_dir is not None:
+        words += ["--features-dir", shlex.quote(str(features_dir))]
+    return " ".join(words)
+
+
+def save_features(path: Path, *, db: Database, names: Sequence[str], feats: torch.Tensor, fold: int | None,
+                  test_images: Sequence[str], folds_sha256: str | None, face_size: int | None, provenance: dict,
+                  rebuild: str) -> None:
+    """Write a feature file. `provenance`: {"kind": "teacher run", "teacher_checkpoint": path, ...} or
+    {"kind": "authors' release", ...}; a checkpoint path is stored relative to the feature file, so a
+    project folder moved as a whole keeps its caches valid."""
+    provenance = dict(provenance)
+    if "teacher_checkpoint" in provenance:
+        provenance["teacher_checkpoint"] = os.path.relpath(Path(provenance["teacher_checkpoint"]).resolve(),
+                                                           Path(path).parent.resolve())
+    atomic_torch_save({
         "format": FORMAT_VERSION,
-        "database": db.name,
+        "database": {"name": db.name, "key": database_key(db), "meta_sha256": db.meta_sha256},
         "names": list(names),
         "feats": feats.detach().to("cpu", torch.float32).contiguous(),
-        # Relative to the feature file, so a project folder moved as a whole keeps its caches valid.
-        "teacher_checkpoint": os.path.relpath(Path(checkpoint).resolve(), Path(path).parent.resolve()),
-        "teacher_checkpoint_sha256": checkpoint_sha256,
-        "face_layout": list(FACE_LAYOUT),
-        "face_size": int(face_size),
         "fold": fold,
         "test_images_sha256": images_digest(test_images),
-        "teacher_args": jsonable(teacher_args),
+        "folds_sha256": folds_sha256,
+        "face_layout": list(FACE_LAYOUT),
+        "face_size": face_size,
+        "provenance": jsonable(provenance),
         "rebuild": rebuild,
-    }
-    atomic_torch_save(record, path)
+    }, path)
+
+
+def _read(path: Path, rebuild_hint: str) -> dict:
+    record = torch_load(path, what="teacher feature file", hint=f"rebuild it with `{rebuild_hint}`")
+    if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION or "feats" not in record:
+        raise UserError(f"{path}: not a KD-OIQA feature file of this version; rebuild with `{rebuild_hint}`")
+    return record
+
+
+def peek_features(path: Path, rebuild_hint: str) -> dict:
+    """A feature file's record (provenance, split digest, rebuild command) without the checks of `load_features`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no teacher features; make them with `{rebuild_hint}` (or train with --kd none)")
+    return _read(path, rebuild_hint)
 
 
 def load_features(path: Path, db: Database, *, fold: int | None, test_images: Sequence[str] | None,
@@ -56,15 +103,13 @@ def load_features(path: Path, db: Database, *, fold: int | None, test_images: Se
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no teacher features; make them with `{rebuild_hint}`")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure of a torn or foreign file
-        raise UserError(f"{path}: unreadable feature file ({type(err).__name__}); rebuild with `{rebuild_hint}`") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION or "feats" not in record:
-        raise UserError(f"{path}: not a KD-OIQA feature file of this version; rebuild with `{rebuild_hint}`")
+    record = _read(path, rebuild_hint)
     rebuild = record.get("rebuild") or rebuild_hint
-    if record["database"] != db.name:
-        raise UserError(f"{path}: features of database {record['database']!r}, not {db.name!r}; rebuild with `{rebuild}`")
+    saved = record.get("database") or {}
+    if saved.get("key") != database_key(db):
+        raise UserError(f"{path}: features of database {saved.get('key')!r} ({saved.get('name')}), not of "
+                        f"{database_key(db)!r} ({db.root}): another database or another version of its meta.csv; "
+                        f"make this database's features with `{rebuild_hint}`")
     if tuple(record.get("face_layout", ())) != FACE_LAYOUT:
         raise UserError(f"{path}: teacher face layout {record.get('face_layout')} differs from {list(FACE_LAYOUT)}; "
                         f"rebuild with `{rebuild}`")
@@ -78,80 +123,75 @@ def load_features(path: Path, db: Database, *, fold: int | None, test_images: Se
     if missing:
         raise UserError(f"{path}: no feature for {len(missing)} image(s) of {db.root / 'meta.csv'}, e.g. {missing[0]!r}; "
                         f"rebuild with `{rebuild}`")
-    ckpt = path.parent / record["teacher_checkpoint"]
-    if not ckpt.is_file():
-        raise UserError(f"{path}: its teacher checkpoint {ckpt} is gone, so the cache cannot be verified; "
-                        f"rebuild with `{rebuild}`")
-    if sha256_file(ckpt) != record["teacher_checkpoint_sha256"]:
-        raise UserError(f"{path}: stale: the teacher checkpoint {ckpt} changed after these features were saved; "
-                        f"rebuild with `{rebuild}`")
+    provenance = record.get("provenance") or {}
+    if provenance.get("kind") == "teacher run":
+        ckpt = path.parent / provenance["teacher_checkpoint"]
+        if not ckpt.is_file():
+            raise UserError(f"{path}: its teacher checkpoint {ckpt} is gone, so the cache cannot be verified; "
+                            f"rebuild with `{rebuild}`")
+        if sha256_file(ckpt) != provenance["teacher_checkpoint_sha256"]:
+            raise UserError(f"{path}: stale: the teacher checkpoint {ckpt} changed after these features were saved; "
+                            f"rebuild with `{rebuild}`")
     feats = record["feats"]
     if feats.ndim != 2 or feats.shape[0] != len(names):
         raise UserError(f"{path}: feats shaped {list(feats.shape)} for {len(names)} names; rebuild with `{rebuild}`")
     return {name: feats[i] for i, name in enumerate(names)}
 
 
-def peek_features(path: Path, rebuild_hint: str) -> dict:
-    """The provenance of a feature file (teacher args, rebuild command) without any check."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no teacher features; make them with `{rebuild_hint}` (or train with --kd none)")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: unreadable feature file ({type(err).__name__}); rebuild with `{rebuild_hint}`") from None
-    if not isinstance(record, dict) or "teacher_args" not in record:
-        raise UserError(f"{path}: not a KD-OIQA feature file; rebuild with `{rebuild_hint}`")
-    return {"teacher_args": record["teacher_args"], "rebuild": record.get("rebuild")}
-
-
 # ----------------------------------------------------------------------------------------------
-# Computing the features of a teacher run (feat_save.py per fold, crossdb_feat.py for a pair).
+# The authors' released features: features/<database>/<fold 1..5>/<image id>.npy, each a
+# torch.save'd [1, 512] tensor (possibly saved from CUDA, possibly with requires_grad).
 
-def read_teacher_run(run: Path, script: str, required: Sequence[str] = ("face_size", "erp_size")) -> dict:
-    """The teacher run's args.json, checked to be a finished run record of `script`."""
-    import json
-
-    args_path = Path(run) / "args.json"
-    if not args_path.is_file():
-        raise UserError(f"{run}: not a teacher run folder (no args.json); pass runs/{script}/<database>/<run>")
-    try:
-        teacher_args = json.loads(args_path.read_text(encoding="utf-8"))
-        if not isinstance(teacher_args, dict):
-            raise ValueError("not a JSON object")
-        for key in required:
-            if key not in teacher_args:
-                raise ValueError(f"no {key!r}")
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{args_path}: not a readable teacher run record ({err})") from None
-    if teacher_args.get("script") != script:
-        raise UserError(f"{args_path}: a {teacher_args.get('script')} run, not a {script} run")
-    return teacher_args
+def authors_image_id(image: str) -> str:
+    """The authors' id of one of our images: `001` for CVIQ's `001.png` and OIQA's `img1.jpg`, the file
+    stem for IQA-ODI (`QF5_ERP_human_P0`)."""
+    stem = PurePosixPath(image_stem(image)).name
+    match = re.fullmatch(r"(?:img)?0*(\d+)", stem, flags=re.IGNORECASE)
+    return match[1].rjust(3, "0") if match else stem
 
 
-def teacher_feature_store(db: Database, teacher_args: dict, args, device: torch.device):
-    """The faces of every image of `db` at the teacher's face size, decoded once for every fold."""
-    import argparse
+def authors_fold_dirs(folder: Path, db: Database, k: int) -> list[Path]:
+    """The authors' fold folders 1..k for `db`: `folder/<1..k>` or `folder/<database name>/<1..k>`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; --from-authors takes the authors' features/<database> folder "
+                        f"(holding 1/ ... {k}/)")
+    candidates = [folder] + [folder / name for name in (db.name, db.name.replace("-", ""), db.name.upper())]
+    for base in candidates:
+        if (base / "1").is_dir():
+            missing = [str(i) for i in range(1, k + 1) if not (base / str(i)).is_dir()]
+            if missing:
+                raise UserError(f"{base}: the authors' feature folders {', '.join(missing)} are missing (expected 1..{k})")
+            return [base / str(i) for i in range(1, k + 1)]
+    raise UserError(f"{folder}: no fold folders 1/ ... {k}/ here or in {folder / db.name}; --from-authors takes the "
+                    f"authors' features/<database> folder")
 
-    import engine
 
-    data_args = argparse.Namespace(face_size=int(teacher_args["face_size"]), erp_size=tuple(teacher_args["erp_size"]),
-                                   workers=args.workers, cache=args.cache, faces=args.faces, amp=args.amp)
-    return engine.ImageStore(db, db.images, "faces", data_args, device, progress=not args.no_progress)
-
-
-def compute_teacher_features(run: Path, fold: int, store, args, device: torch.device, *,
-                             resume_hint: str) -> tuple[torch.Tensor, Path]:
-    """The 512-d feature of every image of the store from fold `fold`'s finished teacher checkpoint."""
-    import engine
-
-    ckpt, ckpt_path = engine.load_run_checkpoint(run, fold)
-    if ckpt.get("kind") != "teacher":
-        raise UserError(f"{ckpt_path}: a {ckpt.get('kind')} checkpoint, not a teacher")
-    if ckpt["epoch"] < ckpt["epochs"]:
-        raise UserError(f"{ckpt_path}: fold {fold} stopped at epoch {ckpt['epoch']} of {ckpt['epochs']}; "
-                        f"finish it with {resume_hint}")
-    model = engine.model_from_checkpoint(ckpt, ckpt_path).to(device)
-    _, feats = engine.infer(model, store, store.images, args.batch_size, engine.autocast_for(args, device),
-                            progress=not args.no_progress, desc=f"teacher features ({ckpt_path.parent.name})")
-    return feats, ckpt_path
+def read_authors_fold(folder: Path, db: Database) -> tuple[torch.Tensor, str]:
+    """Every image's feature from one authors' fold folder ([N, 512] in meta.csv order) and a digest
+    of the files read; a missing, extra or malformed file is one line naming it."""
+    ids = {authors_image_id(image): image for image in db.images}
+    if len(ids) != len(db):
+        raise UserError(f"{db.root / 'meta.csv'}: several images share an authors' id; cannot match their features")
+    files = {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix == ".npy"}
+    missing = sorted(set(ids) - set(files))
+    if missing:
+        raise UserError(f"{folder / (missing[0] + '.npy')}: missing ({len(missing)} of {len(ids)} features missing "
+                        f"in {folder})")
+    extra = sorted(set(files) - set(ids))
+    if extra:
+        raise UserError(f"{files[extra[0]]}: names no image of {db.root / 'meta.csv'} ({len(extra)} such file(s)); "
+                        f"are these the features of another database?")
+    digest = hashlib.sha256()
+    rows = []
+    for image in db.images:
+        path = files[authors_image_id(image)]
+        value = torch_load(path, what="authors' feature file (a torch.save'd [1, 512] tensor)")
+        if not isinstance(value, torch.Tensor) or value.numel() != 512 or value.dim() not in (1, 2):
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise UserError(f"{path}: expected a [1, 512] tensor, got {shape}")
+        if not torch.isfinite(value).all():
+            raise UserError(f"{path}: holds NaN or inf")
+        rows.append(value.detach().reshape(512).float())
+        digest.update(path.name.encode() + sha256_file(path).encode())
+    return torch.stack(rows), digest.hexdigest()

@@ -42,14 +42,14 @@ def main() -> None:
         ("synthetic_db", ["make_synthetic_db.py", "--out", str(db), "--contents", str(args.contents), "--size",
                           args.size, "--workers", str(args.workers), "--overwrite"]),
         ("folds", ["dataset.py", "folds", "--database", str(db)]),
-        ("faces", ["-m", "viewport.extract", "--database", str(db), "--size", str(args.face_size), "--device",
-                   args.device, "--workers", str(args.workers)]),
+        ("faces", ["-m", "viewport.extract", "--database", str(db), "--face-size", str(args.face_size), "--device",
+                   args.device, "--threads", str(args.workers)]),
         ("erp_resize", ["img_resize.py", "--database", str(db), "--erp-size", args.erp_size,
-                        "--workers", str(args.workers)]),
+                        "--threads", str(args.workers)]),
         ("teacher", ["teacher_train.py", "--database", str(db), "--out", str(runs / "teacher"), *common]),
         ("features", ["feat_save.py", "--database", str(db), "--run", str(runs / "teacher"), "--features-dir",
                       str(feats), "--device", args.device, "--workers", str(args.workers), "--no-progress"]),
-        ("student_mask", ["mask_train.py", "--database", str(db), "--features", str(feats), "--kd", "mask",
+        ("student_mask", ["mask_train.py", "--database", str(db), "--features-dir", str(feats), "--kd", "mask",
                           "--out", str(runs / "student_mask"), *common]),
     ]
     seconds: dict[str, float] = {}

@@ -62,7 +62,7 @@ def main() -> None:
         Image.fromarray(np.asarray(src_u8[i].permute(1, 2, 0).cpu())).save(path, compress_level=1)
         files.append(path)
 
-    from predict import prepared_pixels
+    from images import read_rgb, resize_rgb, to_chw
 
     @torch.no_grad()
     def backbone():
@@ -82,7 +82,7 @@ def main() -> None:
 
     @torch.no_grad()
     def student_files():
-        batch = torch.stack([prepared_pixels(f, "student", (width, height), args.face_size) for f in files])
+        batch = torch.stack([to_chw(resize_rgb(read_rgb(f), (width, height))) for f in files])
         with autocast():
             student(batch.to(device))
 

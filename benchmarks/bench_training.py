@@ -21,23 +21,22 @@ from bench_utils import machine, report, sync_for
 
 import engine
 from common import parse_size
-from dataset import Database
-from mask_train import StudentMethod
-from mask_train import build_parser as student_parser
+from databases import Database
+from image_store import ImageStore
+from methods import StudentMethod, TargetScale, TeacherMethod
 from models import build_model
-from teacher_train import TeacherMethod
+from settings import DataSettings, DistillSettings, OptimSettings
 
 
-def rates(method: engine.Method, store: engine.ImageStore, args: argparse.Namespace, device: torch.device,
+def rates(method, store: ImageStore, optim: OptimSettings, amp: str, device: torch.device,
           epochs: int) -> dict[str, float]:
-    autocast = engine.autocast_for(args, device)
-    for module in method.modules().values():
-        module.to(device)
-        if device.type == "cuda":
-            module.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(method.param_groups(args), lr=args.lr, weight_decay=args.weight_decay)
+    autocast = engine.autocast_for(amp, device)
+    method.to(device)
+    if device.type == "cuda":
+        method.to(memory_format=torch.channels_last)
+    optimizer = engine.build_optimizer(method, optim)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    scale = engine.TargetScale()
+    scale = TargetScale()
     images = store.images
     sync = sync_for(device)
 
@@ -45,32 +44,31 @@ def rates(method: engine.Method, store: engine.ImageStore, args: argparse.Namesp
         sync()
         start = time.perf_counter()
         for epoch in range(n):
-            engine.train_one_epoch(method, store, images, optimizer, scaler, autocast, scale, args.batch_size,
+            engine.train_one_epoch(method, method, store, images, optimizer, scaler, autocast, scale, optim.batch_size,
                                    epoch + 20, torch.Generator().manual_seed(epoch))
         sync()
         return n * len(images) / (time.perf_counter() - start)
 
-    fixed = next(store.batches(images[:args.batch_size], args.batch_size))
-    fixed["target"] = scale.to_target(fixed["mos"])
+    fixed = next(store.batches(images[:optim.batch_size], optim.batch_size))
+    target = scale.to_target(fixed["mos"])
 
     def compute_steps(n: int) -> float:
-        for module in method.modules().values():
-            module.train()
+        method.train()
         sync()
         start = time.perf_counter()
         total = torch.zeros((), device=device)
         for _ in range(n):
             optimizer.zero_grad(set_to_none=True)
             with autocast():
-                loss, _ = method.training_loss(fixed, 20)
+                loss, _ = method(fixed["pixels"], target, fixed.get("teacher_feature"), epoch=20)
             loss.backward()
             optimizer.step()
             total += loss.detach()
         float(total)
         sync()
-        return n * args.batch_size / (time.perf_counter() - start)
+        return n * optim.batch_size / (time.perf_counter() - start)
 
-    steps = epochs * -(-len(images) // args.batch_size)
+    steps = epochs * -(-len(images) // optim.batch_size)
     engine_epochs(1), compute_steps(3)  # warm-up (cuDNN autotuning, allocator)
     measured_compute = compute_steps(steps)
     measured_engine = engine_epochs(epochs)
@@ -78,17 +76,16 @@ def rates(method: engine.Method, store: engine.ImageStore, args: argparse.Namesp
             "efficiency": measured_engine / measured_compute}
 
 
-def fake_store(view: str, n: int, args: argparse.Namespace, device: torch.device, features: bool) -> engine.ImageStore:
+def fake_store(view: str, n: int, data: DataSettings, device: torch.device, features: bool) -> ImageStore:
+    """The pixel cache filled with random pixels (decoding happens once per run and is not measured here)."""
     meta = pd.DataFrame({"image": [f"img{i}.png" for i in range(n)], "mos": torch.rand(n).mul(100).tolist(),
                          "ref": [f"c{i % 8}" for i in range(n)]})
     db = Database(name="bench", root=None, meta=meta, higher_is_better=True, score_range=(0.0, 100.0))
-    feats = {name: torch.randn(512) for name in meta["image"]} if features else None
-    store = engine.ImageStore(db, db.images, view, argparse.Namespace(**{**vars(args), "cache": "none"}), device,
-                              features=feats, progress=False)
-    shape = engine._pixel_shape(view, args)
     on = device if device.type == "cuda" else torch.device("cpu")
-    store.pixels = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, device=on)
-    store.mode = "gpu" if device.type == "cuda" else "cpu"
+    shape = (6, 3, data.face_size, data.face_size) if view == "faces" else (3, data.erp_size[1], data.erp_size[0])
+    store = ImageStore.from_pixels(db, view, data, device, torch.randint(0, 256, (n, *shape), dtype=torch.uint8, device=on))
+    if features:
+        store.set_features({name: torch.randn(512) for name in meta["image"]})
     return store
 
 
@@ -105,15 +102,15 @@ def main() -> None:
     device = torch.device(opts.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    args = student_parser().parse_args(["--database", "bench", "--amp", opts.amp, "--batch-size", str(opts.batch_size),
-                                        "--face-size", str(opts.face_size), "--workers", "0", "--kd", "mask",
-                                        "--erp-size", f"{opts.erp_size[0]}x{opts.erp_size[1]}"])
+    data = DataSettings(face_size=opts.face_size, erp_size=tuple(opts.erp_size), workers=0)
+    optim = OptimSettings(batch_size=opts.batch_size)
     result = {"machine": machine(device), "settings": {k: v for k, v in vars(opts).items()}}
     teacher = TeacherMethod(build_model("teacher", pretrained=False))
-    result["teacher"] = rates(teacher, fake_store("faces", opts.images, args, device, False), args, device, opts.epochs)
-    student = StudentMethod(build_model("student", pretrained=False), args)  # epoch 20: the mask-KD phase
-    result["student_mask_kd"] = rates(student, fake_store("erp", opts.images, args, device, True), args, device,
-                                      opts.epochs)
+    result["teacher"] = rates(teacher, fake_store("faces", opts.images, data, device, False), optim, opts.amp, device,
+                              opts.epochs)
+    student = StudentMethod(build_model("student", pretrained=False), DistillSettings(kd="mask"))  # epoch 20: mask KD
+    result["student_mask_kd"] = rates(student, fake_store("erp", opts.images, data, device, True), optim, opts.amp,
+                                      device, opts.epochs)
     t, s = result["teacher"], result["student_mask_kd"]
     report("training", result, f"teacher {t['engine_img_per_s']:.1f} img/s = {t['efficiency']:.2f} of compute; "
            f"student (mask KD) {s['engine_img_per_s']:.1f} img/s = {s['efficiency']:.2f} of compute "

@@ -3,6 +3,11 @@
 faces [B, 6, 3, h, w] -> per-face pooled C-d features -> concat (6C) -> ``projector``
 Linear(6C -> feature_dim) = the teacher feature f_t -> ``head`` Linear(feature_dim -> 1) = score.
 As in the paper (ResNet-18: 6 x 512 = 3072 -> 512 -> 1).
+
+BatchNorm in training: ``face_batchnorm="joint"`` runs the backbone once over all 6B faces (one set
+of batch statistics); ``"per-face"`` calls it once per face position, F to BO, as the paper's code:
+each position gets its own batch statistics and the running statistics are updated six times per
+step in that order. In evaluation both are one call (running statistics, no difference).
 """
 from __future__ import annotations
 
@@ -14,9 +19,11 @@ from torch import nn
 
 from common import UserError
 from models.backbone import ScoringNet
+from viewport.project import FACE_NAMES
 
-FACE_LAYOUT: tuple[str, ...] = ("F", "R", "BA", "L", "T", "BO")
+FACE_LAYOUT: tuple[str, ...] = FACE_NAMES
 NUM_FACES = len(FACE_LAYOUT)
+FACE_BATCHNORM_MODES: tuple[str, ...] = ("joint", "per-face")
 
 
 class TeacherNet(ScoringNet):
@@ -28,14 +35,18 @@ class TeacherNet(ScoringNet):
         weights_path: start it from this state-dict file instead (offline machines).
         normalize: ``imagenet`` or ``none`` (the paper's ``ToTensor()``-only input).
         feature_dim: size of the teacher feature (projector output); 512 in the paper.
+        face_batchnorm: ``joint`` or ``per-face`` (the paper's): BatchNorm statistics in training.
     """
 
     kind = "teacher"
 
     def __init__(self, arch: str = "resnet18", pretrained: bool = True,
                  weights_path: str | os.PathLike | None = None, normalize: str = "imagenet",
-                 feature_dim: int = 512) -> None:
+                 feature_dim: int = 512, face_batchnorm: str = "joint") -> None:
         super().__init__(arch, pretrained, weights_path, normalize, feature_dim)
+        if face_batchnorm not in FACE_BATCHNORM_MODES:
+            raise UserError(f"face_batchnorm must be one of {', '.join(FACE_BATCHNORM_MODES)}, got {face_batchnorm!r}")
+        self.face_batchnorm = face_batchnorm
         self.num_faces = NUM_FACES
         self.face_layout = FACE_LAYOUT
         self.projector = nn.Linear(NUM_FACES * self.channels, self.feature_dim)
@@ -45,9 +56,10 @@ class TeacherNet(ScoringNet):
         if faces.dim() != 5 or faces.shape[1] != NUM_FACES or faces.shape[2] != 3:
             raise UserError(f"the teacher takes faces shaped [batch, {NUM_FACES}, 3, h, w], got "
                             f"{list(faces.shape)}: extract the six cube faces ({', '.join(FACE_LAYOUT)}) first")
-        batch = faces.shape[0]
-        x = self.norm(faces).flatten(0, 1)          # [B*6, 3, h, w]: one shared backbone
-        return self.backbone(x).view(batch, NUM_FACES, self.channels)
+        x = self.norm(faces)
+        if self.training and self.face_batchnorm == "per-face":
+            return torch.stack([self.backbone(x[:, f]) for f in range(NUM_FACES)], dim=1)
+        return self.backbone(x.flatten(0, 1)).view(faces.shape[0], NUM_FACES, self.channels)  # one shared backbone
 
     def forward(self, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """faces [B, 6, 3, h, w] (uint8 or float in [0, 1]) -> (score [B], feature [B, feature_dim])."""
@@ -56,4 +68,5 @@ class TeacherNet(ScoringNet):
 
     def config(self) -> dict[str, Any]:
         """Architecture as plain types; ``models.model_from_config`` rebuilds the model from it."""
-        return {**super().config(), "num_faces": self.num_faces, "face_layout": list(self.face_layout)}
+        return {**super().config(), "face_batchnorm": self.face_batchnorm, "num_faces": self.num_faces,
+                "face_layout": list(self.face_layout)}

@@ -17,11 +17,12 @@ import torch
 from conftest import make_tiny_db
 from scipy import stats
 
+import cli
 import crossdb_feat
 import crossdb_train
 import teacher_crossdb_train
 from common import UserError
-from dataset import load_database
+from databases import load_database
 from dataset_cross import load_pair
 
 FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "32", "--erp-size", "64x32",
@@ -81,7 +82,7 @@ def test_trio_mos_to_dmos(dbs, tmp_path, capsys):
     for stage in ("teacher", "student"):
         check_flipped_metrics(out[stage], dbs["B"])
         args = json.loads((out[stage] / "args.json").read_text())
-        assert args["database_name"] == "TinyA" and args["test_database_name"] == "TinyDMOS"
+        assert args["database"]["name"] == "TinyA" and args["test_database"]["name"] == "TinyDMOS"
         assert args["scores_flipped"] is True
     # The features cover exactly all of A's images (12, not the paper's hard-coded 320).
     record = torch.load(out["features"] / "all.pt", weights_only=True)
@@ -102,17 +103,17 @@ def test_trio_dmos_to_mos(dbs, tmp_path, capsys):
 
 def test_same_direction_and_select_val(dbs, tmp_path, monkeypatch, capsys):
     """Two MOS databases: nothing flipped; --select val holds out contents of A, never of B."""
-    import engine
+    import training
 
     seen = []
-    real = engine.holdout_validation
+    real = training.holdout_validation
 
     def spy(db, train, fraction, seed):
         split = real(db, train, fraction, seed)
         seen.append((db.root, list(train), split))
         return split
 
-    monkeypatch.setattr(engine, "holdout_validation", spy)
+    monkeypatch.setattr(training, "holdout_validation", spy)
     c = make_tiny_db(tmp_path / "TinyC", contents=3, levels=2, seed=33)
     run = tmp_path / "student"
     crossdb_train.main(["--database-train", str(dbs["A"]), "--database-test", str(c), "--kd", "none",
@@ -145,19 +146,25 @@ def test_missing_features_refused_with_command(dbs, tmp_path):
 def test_flags_and_refusals(dbs):
     args = crossdb_train.build_parser().parse_args(["--database_train", "X", "--database_test", "Y"])
     assert (args.database_train, args.database_test, args.epochs) == ("X", "Y", 50)
-    assert teacher_crossdb_train.build_parser().parse_args([]).epochs == 50
+    assert (args.database_train, args.database_test) == ("X", "Y")
+    defaults = cli.teacher_parser(cross=True).parse_args([])
+    assert (defaults.epochs, defaults.database_train, defaults.database_test) == (50, "CVIQ", "OIQA")  # the paper's
     with pytest.raises(UserError, match="same database"):
         load_pair(dbs["A"], dbs["A"])
     with pytest.raises(UserError, match="not --database"):
         crossdb_train.main(["--database", str(dbs["A"]), "--database-test", str(dbs["B"]), "--kd", "none"])
-    with pytest.raises(UserError, match="both required"):
-        teacher_crossdb_train.main(["--database-train", str(dbs["A"])])
+    with pytest.raises(UserError, match="OIQA: database folder not found"):  # the paper's default test database
+        teacher_crossdb_train.main(["--database-train", str(dbs["A"]), "--data-root", str(dbs["work"])])
 
 
 def test_matrix_writes_and_resumes(dbs, tmp_path, capsys):
     out = tmp_path / "matrix"
     argv = ["--matrix", f"{dbs['A']},{dbs['B']}", "--out", str(out), "--epochs", "1", "--kd-warmup", "0",
             "--kd-feature-epochs", "1", *FAST]
+    with pytest.raises(UserError, match="would never distil"):  # refused before any stage runs
+        crossdb_train.main(argv)
+    assert not out.exists()
+    argv[argv.index("--kd-feature-epochs") + 1] = "0"
     crossdb_train.main(argv)
     first = capsys.readouterr().out
     matrix = pd.read_csv(out / "matrix.csv")
@@ -166,10 +173,11 @@ def test_matrix_writes_and_resumes(dbs, tmp_path, capsys):
     assert matrix["train"].tolist() == ["TinyA", "TinyDMOS"] * 4
     srcc = matrix[matrix["metric"] == "srcc"].set_index("train")
     assert np.isnan(srcc.loc["TinyA", "TinyA"]) and np.isnan(srcc.loc["TinyDMOS", "TinyDMOS"])
-    res = json.loads((out / "TinyA-to-TinyDMOS" / "student" / "fold0" / "metrics.json").read_text())
+    a_to_b, b_to_a = load_pair(dbs["A"], dbs["B"]).key, load_pair(dbs["B"], dbs["A"]).key
+    res = json.loads((out / a_to_b / "student" / "fold0" / "metrics.json").read_text())
     assert srcc.loc["TinyA", "TinyDMOS"] == pytest.approx(res["srcc"])
     assert "SRCC" in first and "flipped (DMOS vs MOS)" in first
-    for key in ("TinyA-to-TinyDMOS", "TinyDMOS-to-TinyA"):
+    for key in (a_to_b, b_to_a):
         assert (out / key / "features" / "all.pt").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
 
@@ -180,7 +188,7 @@ def test_matrix_writes_and_resumes(dbs, tmp_path, capsys):
     assert pd.read_csv(out / "matrix.csv").equals(matrix)
 
     # A student killed after its last checkpoint but before its results: only that stage resumes.
-    victim = out / "TinyDMOS-to-TinyA" / "student"
+    victim = out / b_to_a / "student"
     os.remove(victim / "results.csv")
     crossdb_train.main(argv)
     third = capsys.readouterr().out

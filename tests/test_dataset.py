@@ -1,4 +1,5 @@
-"""Tests of dataset.py: meta.csv validation, the registry, database.json, folds, ImageDataset."""
+"""Databases, folds and images: meta.csv validation, the registry, database.json, folds, ImageDataset,
+and dataset.py's command line."""
 from __future__ import annotations
 
 import json
@@ -13,19 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dataset
+import databases
+import images
 from common import UserError, run_cli
-from dataset import (
-    REGISTRY,
-    ImageDataset,
-    holdout_validation,
-    load_database,
-    load_folds,
-    make_folds,
-    read_meta,
-    registry_lookup,
-    resolve_database_root,
-    write_folds,
-)
+from databases import REGISTRY, load_database, read_meta, registry_lookup, resolve_database_root
+from folds import default_folds_path, holdout_validation, load_folds, make_folds, write_folds
+from images import ImageDataset
 
 HEADER = "image,mos,ref\n"
 
@@ -79,7 +73,7 @@ def test_bad_meta(tmp_path, capsys, name, text, message):
 
 def test_no_meta(tmp_path, capsys):
     (tmp_path / "db").mkdir()
-    with pytest.raises(UserError, match=r"no meta.csv.*dataset.py prepare"):
+    with pytest.raises(UserError, match=r"no meta.csv.*columns image,mos,ref"):
         load_database(tmp_path / "db")
     code, _, stderr = cli(capsys, "info", "--database", str(tmp_path / "db"))
     assert code == 2 and stderr.count("\n") == 1 and "meta.csv" in stderr
@@ -116,8 +110,16 @@ def test_missing_image_files(tmp_path, capsys):
     with pytest.raises(UserError, match=r"1 image file\(s\) missing, e.g. b.png"):
         load_database(tmp_path / "db")
     (tmp_path / "db" / "b.png").touch()
+    # info decodes every image: two empty files are named, in one line
+    code, out, err = cli(capsys, "info", "--database", str(tmp_path / "db"))
+    assert code == 2 and "2 images of 2 contents" in out
+    assert err.count("\n") == 1 and "2 of 2 images unreadable" in err and "a.png" in err
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 4)).save(tmp_path / "db" / name)
     code, out, _ = cli(capsys, "info", "--database", str(tmp_path / "db"))
-    assert code == 0 and "2 images of 2 contents" in out
+    assert code == 0 and "all 2 images decode" in out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def test_database_json(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Folds
 
-def fold_db(tmp_path: Path, contents: int = 13, per: tuple[int, ...] = (3, 4, 5)) -> dataset.Database:
+def fold_db(tmp_path: Path, contents: int = 13, per: tuple[int, ...] = (3, 4, 5)) -> databases.Database:
     rows = []
     for c in range(contents):
         for j in range(per[c % len(per)]):
@@ -203,11 +205,11 @@ def test_make_folds(tmp_path):
 def test_folds_round_trip_and_cli(tmp_path, capsys):
     db = fold_db(tmp_path)
     folds = make_folds(db, 3, 1)
-    path = write_folds(folds, db.default_folds_path(3, 1))
+    path = write_folds(folds, default_folds_path(db, 3, 1))
     assert path == tmp_path / "folds_db" / "folds" / "k3_seed1.json"
     again = load_folds(path, db)
     assert [f.test for f in again.folds] == [f.test for f in folds.folds] and again.source == folds.source
-    code, out, _ = cli(capsys, "folds", "--database", str(db.root), "--k", "4", "--seed", "9")
+    code, out, _ = cli(capsys, "folds", "--database", str(db.root), "--folds", "4", "--split-seed", "9")
     assert code == 0 and out.strip().endswith("k4_seed9.json")
     assert len(load_folds(out.strip(), db)) == 4
 
@@ -265,7 +267,7 @@ def test_holdout_validation(tmp_path):
 # Images and ImageDataset
 
 @pytest.fixture()
-def image_db(tmp_path) -> dataset.Database:
+def image_db(tmp_path) -> databases.Database:
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -284,17 +286,17 @@ def image_db(tmp_path) -> dataset.Database:
 
 
 def test_read_rgb_and_resize(image_db, tmp_path):
-    gray = dataset.read_rgb(image_db.path("gray.png"))
+    gray = images.read_rgb(image_db.path("gray.png"))
     assert gray.shape == (32, 64, 3) and gray.dtype == np.uint8
-    resized = dataset.resize_rgb(gray, (16, 8))
+    resized = images.resize_rgb(gray, (16, 8))
     assert resized.shape == (8, 16, 3)
-    assert dataset.resize_rgb(gray, (64, 32)) is gray
+    assert images.resize_rgb(gray, (64, 32)) is gray
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(UserError, match="unreadable image"):
-        dataset.read_rgb(tmp_path / "bad.png")
+        images.read_rgb(tmp_path / "bad.png")
     with pytest.raises(UserError, match="not found"):
-        dataset.read_rgb(tmp_path / "none.png")
-    assert dataset.is_two_to_one(64, 32) and dataset.is_two_to_one(65, 32) and not dataset.is_two_to_one(60, 40)
+        images.read_rgb(tmp_path / "none.png")
+    assert images.is_two_to_one(64, 32) and images.is_two_to_one(65, 32) and not images.is_two_to_one(60, 40)
 
 
 def test_image_dataset_erp(image_db):
@@ -304,17 +306,11 @@ def test_image_dataset_erp(image_db):
     assert len(ds) == 4
     item = ds[1]
     assert item["pixels"].shape == (3, 16, 32) and item["pixels"].dtype == torch.uint8
-    assert item["mos"].dtype == torch.float32 and float(item["mos"]) == 10.0
     assert item["image"] == "sub/p1.png" and item["index"] == 1
-    expected = dataset.resize_rgb(dataset.read_rgb(image_db.path("sub/p1.png")), (32, 16))
+    expected = images.resize_rgb(images.read_rgb(image_db.path("sub/p1.png")), (32, 16))
     assert torch.equal(item["pixels"], torch.from_numpy(expected.copy()).permute(2, 0, 1))
     with pytest.raises(ValueError):
         ImageDataset(image_db, image_db.images, "cube")
-    feats = {im: torch.full((4,), float(i)) for i, im in enumerate(image_db.images)}
-    assert torch.equal(ImageDataset(image_db, image_db.images, "erp", erp_size=(32, 16), features=feats)[2]
-                       ["teacher_feature"], feats[image_db.images[2]])
-    with pytest.raises(UserError, match="teacher features lack 1"):
-        ImageDataset(image_db, image_db.images, "erp", features={k: v for k, v in list(feats.items())[1:]})
 
 
 def test_image_dataset_faces_online_and_disk(image_db):
@@ -326,7 +322,7 @@ def test_image_dataset_faces_online_and_disk(image_db):
     online = ImageDataset(image_db, image_db.images, "faces", face_size=8, faces_source="online")
     item = online[2]
     assert item["pixels"].shape == (6, 3, 8, 8) and item["pixels"].dtype == torch.uint8
-    erp = dataset.to_chw(dataset.read_rgb(image_db.path("sub/p2.png")))
+    erp = images.to_chw(images.read_rgb(image_db.path("sub/p2.png")))
     assert torch.equal(item["pixels"], cube_faces(erp, 8, antialias=True))
 
     with pytest.raises(UserError, match="face file missing.*viewport.extract"):

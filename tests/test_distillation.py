@@ -1,20 +1,18 @@
 """Mask distillation: where each loss term's gradient goes, the binary mask, the schedule."""
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
-from mask_train import StudentMethod, build_parser
+from methods import StudentMethod
 from models import build_model
+from settings import DistillSettings, OptimSettings
 
 
 def make_method(kd: str = "mask") -> StudentMethod:
     torch.manual_seed(0)
-    args = build_parser().parse_args(["--database", "x", "--kd", kd])
     model = build_model("student", arch="resnet18", pretrained=False, normalize="none")
-    return StudentMethod(model, args)
+    return StudentMethod(model, DistillSettings(kd=kd))
 
 
 def batch(n: int = 3) -> dict:
@@ -45,8 +43,9 @@ def test_mask_phase_gradient_paths():
     trunk = list(method.model.backbone.parameters())
     head = list(method.model.head.parameters())
     policy = list(method.policy.parameters())
-    terms = method.loss_terms(batch(), epoch=11)
-    assert set(terms) == {"score", "mixed", "imitation"}
+    b = batch()
+    terms = method.loss_terms(b["pixels"], b["target"], b["teacher_feature"], epoch=11)
+    assert set(terms) == {"score", "mixed", "imitation", "mask_teacher_share"}
     # The mixed-feature loss reaches the policy net and the head, not the student's trunk.
     assert reaches(terms["mixed"], policy) and reaches(terms["mixed"], head)
     assert not reaches(terms["mixed"], trunk)
@@ -74,7 +73,7 @@ def test_mask_is_binary_and_mixes_channels():
 def test_feature_phase_uses_teacher_feature():
     method = make_method("feature")
     b = batch()
-    terms = method.loss_terms(b, epoch=8)
+    terms = method.loss_terms(b["pixels"], b["target"], b["teacher_feature"], epoch=8)
     _, f_s = method.model(b["pixels"])
     assert terms["imitation"].item() == pytest.approx(((f_s - b["teacher_feature"]) ** 2).mean().item(), rel=1e-5)
 
@@ -82,20 +81,20 @@ def test_feature_phase_uses_teacher_feature():
 def test_kd_none_never_builds_a_policy():
     method = make_method("none")
     assert method.policy is None
-    assert set(method.modules()) == {"model"}
-    assert len(method.param_groups(argparse.Namespace(lr=1e-3, policy_lr_scale=0.5))) == 1
-    assert set(method.loss_terms(batch(), epoch=50)) == {"score"}
+    assert set(method.nets()) == {"model"}
+    assert len(method.param_groups(OptimSettings(lr=1e-3))) == 1
+    b = batch()
+    assert set(method.loss_terms(b["pixels"], b["target"], None, epoch=50)) == {"score"}
 
 
 def test_policy_learning_rate_is_half():
     method = make_method()
-    groups = method.param_groups(argparse.Namespace(lr=2e-4, policy_lr_scale=0.5))
+    groups = method.param_groups(OptimSettings(lr=2e-4))
     assert [g["lr"] for g in groups] == [2e-4, 1e-4]
 
 
 def test_mask_share_scalar():
     method = make_method()
-    method.loss_terms(batch(), epoch=20)
-    share = method.epoch_scalars()["mask_teacher_share"]
-    assert 0.0 <= share <= 1.0
-    assert method.epoch_scalars() == {}  # reset after each epoch
+    b = batch()
+    _, scalars = method(b["pixels"], b["target"], b["teacher_feature"], epoch=20)
+    assert 0.0 <= float(scalars["mask_teacher_share"]) <= 1.0

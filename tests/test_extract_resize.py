@@ -14,9 +14,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import derived_files
 import img_resize
 from common import UserError, run_cli
-from dataset import load_database, load_erp, read_rgb, resize_rgb, to_chw
+from databases import load_database
+from images import load_erp, read_rgb, resize_rgb, to_chw
 
 extract = importlib.import_module("viewport.extract")
 
@@ -71,7 +73,7 @@ def bump(source: Path, derived: list[Path]) -> None:
 def test_extract_faces_exact(db):
     from viewport.project import cube_faces
 
-    summary = extract.extract_database(db, FACE, "cpu", 2, batch_size=2, progress=False)
+    summary = derived_files.extract_database(db, FACE, "cpu", 2, batch_size=2, progress=False)
     assert summary.written == db.images and summary.skipped == [] and summary.not_two_to_one == []
     assert db.face_paths("sub/c.png", FACE)[0] == db.root / f"faces_{FACE}" / "sub" / "c_F.png"
     for image in db.images:
@@ -86,37 +88,37 @@ def test_extract_faces_exact(db):
 
 
 def test_extract_skips_and_redoes(db, capsys):
-    code, out, _ = cli(capsys, extract, "--database", str(db.root), "--size", str(FACE), "--device", "cpu",
-                       "--workers", "2", "--no-progress")
+    code, out, _ = cli(capsys, extract, "--database", str(db.root), "--face-size", str(FACE), "--device", "cpu",
+                       "--threads", "2", "--no-progress")
     assert code == 0 and "wrote 5, skipped 0" in out
     faces = {image: db.face_paths(image, FACE) for image in db.images}
     before = {image: mtimes(paths) for image, paths in faces.items()}
-    summary = extract.extract_database(db, FACE, "cpu", 2, progress=False)
+    summary = derived_files.extract_database(db, FACE, "cpu", 2, progress=False)
     assert summary.written == [] and summary.skipped == db.images
     bump(db.path("b.png"), faces["b.png"])
     before["b.png"] = mtimes(faces["b.png"])
     faces["e.png"][3].unlink()
-    code, out, _ = cli(capsys, extract, "--database", str(db.root), "--size", str(FACE), "--device", "cpu",
+    code, out, _ = cli(capsys, extract, "--database", str(db.root), "--face-size", str(FACE), "--device", "cpu",
                        "--no-progress")
     assert code == 0 and "wrote 2, skipped 3" in out
     for image in ("a.png", "sub/c.png", "d.png"):
         assert mtimes(faces[image]) == before[image]
     assert all(p.is_file() for p in faces["e.png"])
     assert min(mtimes(faces["b.png"])) > max(before["b.png"])
-    assert extract.extract_database(db, FACE, "cpu", 2, progress=False).written == []
-    summary = extract.extract_database(db, FACE, "cpu", 1, force=True, progress=False)
+    assert derived_files.extract_database(db, FACE, "cpu", 2, progress=False).written == []
+    summary = derived_files.extract_database(db, FACE, "cpu", 1, force=True, progress=False)
     assert len(summary.written) == 5
 
 
 def test_extract_missing_and_unreadable(db, capsys):
     db.path("d.png").unlink()
-    code, out, err = cli(capsys, extract, "--database", str(db.root), "--size", str(FACE), "--device", "cpu")
+    code, out, err = cli(capsys, extract, "--database", str(db.root), "--face-size", str(FACE), "--device", "cpu")
     assert code == 2 and out == "" and err.count("\n") == 1 and "1 image file(s) missing" in err and "d.png" in err
     assert not db.faces_dir(FACE).exists()  # nothing written at all
     with pytest.raises(UserError, match="missing"):
-        extract.extract_database(db, FACE, "cpu", 2, progress=False)
+        derived_files.extract_database(db, FACE, "cpu", 2, progress=False)
     db.path("d.png").write_bytes(b"not a png")
-    code, out, err = cli(capsys, extract, "--database", str(db.root), "--size", str(FACE), "--device", "cpu",
+    code, out, err = cli(capsys, extract, "--database", str(db.root), "--face-size", str(FACE), "--device", "cpu",
                          "--no-progress")
     assert code == 2 and err.strip().endswith(")") and "d.png: unreadable image" in err and err.count("\n") == 1
     assert not any(p.exists() for p in db.face_paths("d.png", FACE))
@@ -124,7 +126,7 @@ def test_extract_missing_and_unreadable(db, capsys):
 
 def test_extract_warns_not_two_to_one(tmp_path, capsys):
     odd = load_database(make_db(tmp_path / "odd", {"ok.png": (64, 32), "square.png": (48, 48)}))
-    summary = extract.extract_database(odd, 8, "cpu", 2, progress=False)
+    summary = derived_files.extract_database(odd, 8, "cpu", 2, progress=False)
     assert summary.not_two_to_one == ["square.png"] and len(summary.written) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "warning" in line]
@@ -133,15 +135,15 @@ def test_extract_warns_not_two_to_one(tmp_path, capsys):
 
 
 def test_extract_arguments(db, capsys):
-    for argv, message in ((["--size", "0"], "--size"), (["--workers", "0"], "--workers"),
+    for argv, message in ((["--face-size", "0"], "--face-size"), (["--threads", "0"], "--threads"),
                           (["--batch-size", "0"], "--batch-size"), (["--device", "gpu0"], "not a device")):
         code, _, err = cli(capsys, extract, "--database", str(db.root), *argv)
         assert code == 2 and message in err and err.count("\n") == 1
 
 
 def test_extract_module_cli(db):
-    result = subprocess.run([sys.executable, "-m", "viewport.extract", "--database", str(db.root), "--size", "8",
-                             "--device", "cpu", "--workers", "2"], check=False, capture_output=True, text=True, cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "viewport.extract", "--database", str(db.root), "--face-size", "8",
+                             "--device", "cpu", "--threads", "2"], check=False, capture_output=True, text=True, cwd=REPO,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote 5, skipped 0" in result.stdout and "faces_8" in result.stdout
@@ -153,7 +155,7 @@ def test_extract_module_cli(db):
 
 def test_resize_exact_and_load_erp(db):
     expected = {image: resize_rgb(read_rgb(db.path(image)), ERP) for image in db.images}
-    summary = img_resize.resize_database(db, ERP, 2, progress=False)
+    summary = derived_files.resize_database(db, ERP, 2, progress=False)
     assert summary.written == db.images and summary.skipped == []
     assert db.erp_path("sub/c.png", ERP) == db.root / "erp_32x16" / "sub" / "c.png"
     for image in db.images:
@@ -162,7 +164,7 @@ def test_resize_exact_and_load_erp(db):
         assert np.array_equal(got, expected[image])
         assert np.array_equal(load_erp(db, image, ERP), expected[image])
     # at the source size the PNG is a lossless copy
-    img_resize.resize_database(db, (64, 32), 2, progress=False, images=["d.png"])
+    derived_files.resize_database(db, (64, 32), 2, progress=False, images=["d.png"])
     assert np.array_equal(read_rgb(db.erp_path("d.png", (64, 32))), read_rgb(db.path("d.png")))
 
 
@@ -175,11 +177,11 @@ def test_resize_skips_and_redoes(db, capsys):
     assert code == 0 and "wrote 0, skipped 5" in out
     bump(db.path("a.png"), [outs["a.png"]])
     before["a.png"] = outs["a.png"].stat().st_mtime_ns
-    summary = img_resize.resize_database(db, ERP, 2, progress=False)
+    summary = derived_files.resize_database(db, ERP, 2, progress=False)
     assert summary.written == ["a.png"] and len(summary.skipped) == 4
     assert all(outs[i].stat().st_mtime_ns == before[i] for i in db.images if i != "a.png")
     assert outs["a.png"].stat().st_mtime_ns > before["a.png"]
-    assert img_resize.resize_database(db, ERP, 2, progress=False).written == []
+    assert derived_files.resize_database(db, ERP, 2, progress=False).written == []
 
 
 def test_resize_missing_warn_and_errors(tmp_path, db, capsys):
@@ -190,7 +192,7 @@ def test_resize_missing_warn_and_errors(tmp_path, db, capsys):
     code, _, err = cli(capsys, img_resize, "--database", str(db.root), "--erp-size", "32by16")
     assert code == 2 and "--erp-size" in err
     odd = load_database(make_db(tmp_path / "odd", {"ok.png": (64, 32), "tall.png": (30, 60)}))
-    summary = img_resize.resize_database(odd, ERP, 2, progress=False)
+    summary = derived_files.resize_database(odd, ERP, 2, progress=False)
     assert summary.not_two_to_one == ["tall.png"]
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "tall.png" in warnings[0]
@@ -200,6 +202,6 @@ def test_resize_missing_warn_and_errors(tmp_path, db, capsys):
 def test_output_collision(tmp_path):
     clash = load_database(make_db(tmp_path / "clash", {"x.png": (64, 32), "x.jpg": (64, 32)}))
     with pytest.raises(UserError, match="would both write"):
-        img_resize.resize_database(clash, ERP, 1, progress=False)
+        derived_files.resize_database(clash, ERP, 1, progress=False)
     with pytest.raises(UserError, match="would both write"):
-        extract.extract_database(clash, 8, "cpu", 1, progress=False)
+        derived_files.extract_database(clash, 8, "cpu", 1, progress=False)

@@ -15,7 +15,8 @@ import pytest
 from conftest import make_tiny_db
 
 from common import UserError
-from dataset import load_database, load_folds, make_folds, read_meta
+from databases import load_database, read_meta
+from folds import load_folds, make_folds
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = ["", " ", "nan", "NaN", "inf", "-inf", "1e999", "abc", '"', '""', "'", ",", ",,", "\t", "\\", "../x.png",

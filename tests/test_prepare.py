@@ -16,7 +16,8 @@ sys.path.insert(0, str(REPO))
 
 import dataset_prepare
 from common import UserError
-from dataset import load_database, load_folds, write_folds
+from databases import load_database
+from folds import load_folds, write_folds
 from dataset_prepare import import_author_folds, match_key, prepare
 
 REFERENCE = REPO.parent / "shared" / "reference"
@@ -169,12 +170,12 @@ def test_iqa_odi_labels(prepared):
 def test_missing_images_cli_exit_2(tmp_path):
     root = tmp_path / "CVIQ"
     touch_all(root, cviq_images()[:500])
-    result = run_dataset_cli("prepare", "--database", "CVIQ", "--root", str(root), "--scores",
+    result = run_dataset_cli("prepare", "--database", "CVIQ", "--root", str(root), "--score-file",
                              str(UPSTREAM / "CVIQ" / "CVIQ.csv"))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "44 of 544" in result.stderr and "501.png" in result.stderr
     assert not (root / "meta.csv").exists()
-    result = run_dataset_cli("prepare", "--database", "CVIQ", "--root", str(root), "--scores",
+    result = run_dataset_cli("prepare", "--database", "CVIQ", "--root", str(root), "--score-file",
                              str(UPSTREAM / "CVIQ" / "CVIQ.csv"), "--no-check-files")
     assert result.returncode == 0, result.stderr
     assert (root / "meta.csv").is_file()
@@ -189,7 +190,7 @@ def test_unknown_database(tmp_path):
 
 
 def test_score_file_not_found(tmp_path):
-    with pytest.raises(UserError, match="CVIQ.csv.*--scores"):
+    with pytest.raises(UserError, match="CVIQ.csv.*--score-file"):
         prepare("CVIQ", tmp_path, None, check_files=False)
     with pytest.raises(UserError, match="not found"):
         prepare("CVIQ", tmp_path, tmp_path / "nope.csv", check_files=False)
@@ -262,7 +263,7 @@ def test_oiqa_only_options(tmp_path):
     scores.write_text("\n".join(cviq_rows()) + "\n")
     with pytest.raises(UserError, match="--with-references is for OIQA only"):
         prepare("CVIQ", tmp_path, scores, with_references=True, check_files=False)
-    with pytest.raises(UserError, match="--score mos is for OIQA only"):
+    with pytest.raises(UserError, match="--score-kind mos is for OIQA only"):
         prepare("CVIQ", tmp_path, scores, score="mos", check_files=False)
     assert len(pd.read_csv(prepare("CVIQ", tmp_path, scores, check_files=False))) == 544
 

@@ -17,9 +17,11 @@ import pytest
 import torch
 from conftest import make_tiny_db
 
+import checkpoints
 import common
 import teacher_train
-from dataset import load_database, make_folds, write_folds
+from databases import load_database
+from folds import make_folds, write_folds
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "32", "--erp-size", "64x32",
@@ -94,11 +96,13 @@ def test_kill_and_resume_is_bit_identical(rdb, tmp_path, capsys):
 
     resumed = tmp_path / "resumed"
     ckpt_path = resumed / "fold0" / "checkpoint.pt"
-    # --save-every 2: the first checkpoint is epoch 2's; the process is killed while it trains epoch 3.
+    state_path = resumed / "fold0" / "resume.pt"
+    # --save-every 2: the first resumable state is epoch 2's; the process is killed while it trains epoch 3.
     _kill_after_first_checkpoint([sys.executable, "teacher_train.py", *base, "--save-every", "2", "--out",
-                                  str(resumed)], ckpt_path)
-    assert torch.load(ckpt_path, weights_only=True)["epoch"] == 2
-    assert not (resumed / "results.csv").exists()
+                                  str(resumed)], state_path)
+    state = torch.load(state_path, weights_only=True)
+    assert state["epoch"] == 2 and {"optimizer", "grad_scaler", "modules"} <= set(state)
+    assert not (resumed / "results.csv").exists() and not ckpt_path.exists()
     # Without --resume the folder is refused; with it the run continues to epoch 4.
     err = cli(capsys, teacher_train.main, [*base, "--out", str(resumed)])
     assert "already holds a run" in err and "--resume" in err
@@ -106,12 +110,11 @@ def test_kill_and_resume_is_bit_identical(rdb, tmp_path, capsys):
 
     a = torch.load(straight / "fold0" / "checkpoint.pt", weights_only=True)
     b = torch.load(ckpt_path, weights_only=True)
-    assert a["epoch"] == b["epoch"] == 4
+    assert a["epoch"] == b["epoch"] == 4 and not state_path.exists()
     _tensors_equal(a["model"], b["model"], "model")
-    _tensors_equal(a["modules"], b["modules"], "modules")
-    _tensors_equal(a["optimizer"], b["optimizer"], "optimizer")
     strip = lambda hist: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in hist]
     assert strip(a["history"]) == strip(b["history"])
+    assert (straight / "fold0" / "checkpoint.pt").read_bytes() == ckpt_path.read_bytes()
     # Epochs logged after the last checkpoint by the killed process are not repeated.
     logs = [strip(json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()) for d in (straight, resumed)]
     assert logs[0] == logs[1] and [r["epoch"] for r in logs[1]] == [1, 2, 3, 4]
@@ -194,8 +197,9 @@ def test_disk_full_is_one_line(rdb, tmp_path, monkeypatch, capsys):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "k2.json"))
 
     import dataset
+    import folds
 
-    monkeypatch.setattr(dataset, "atomic_write_json", full)
+    monkeypatch.setattr(folds, "atomic_write_json", full)
     with pytest.raises(SystemExit) as exc:
         common.run_cli(lambda: dataset.main(["folds", "--database", str(rdb["db"]), "--k", "2",
                                              "--out", str(tmp_path / "out" / "k2.json")]))
@@ -410,7 +414,7 @@ def test_resume_onto_a_run_of_another_arch(rdb, tmp_path, capsys):
     base = ["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), "--kd", "none", "--fold", "0",
             "--epochs", "2", *FAST]
     (run / "fold0").mkdir(parents=True)
-    (run / "args.json").write_text(json.dumps({"script": "mask_train", "arch": "resnet34", "epochs": 2}))
+    (run / "args.json").write_text(json.dumps({"script": "mask_train", "args": {"arch": "resnet34", "epochs": 2}}))
     err = cli(capsys, mask_train.main, [*base, "--arch", "resnet18", "--out", str(run), "--resume"])
     assert "args.json" in err and "--arch" in err and "resnet34" in err
     (run / "args.json").write_text("{not json")
@@ -430,22 +434,23 @@ def test_features_of_another_database_or_fold(rdb, tmp_path, capsys):
     dummy = tmp_path / "teacher.pt"
     dummy.write_bytes(b"x")
     feats = tmp_path / "features"
-    teacher_args = {"folds_path": str(rdb["folds"])}
 
     def write(fold_file: int, *, fold: int, database) -> None:
         save_features(feats / f"fold{fold_file}.pt", db=database, names=db.images, feats=torch.zeros(len(db), 512),
-                      checkpoint=dummy, checkpoint_sha256=common.sha256_file(dummy), face_size=32, fold=fold,
-                      test_images=folds[fold]["test"], teacher_args=teacher_args, rebuild="python feat_save.py ...")
+                      fold=fold, test_images=folds[fold]["test"], folds_sha256=None, face_size=32,
+                      provenance={"kind": "teacher run", "teacher_checkpoint": dummy, "folds_path": str(rdb["folds"]),
+                                  "teacher_checkpoint_sha256": common.sha256_file(dummy)},
+                      rebuild="python feat_save.py ...")
 
     out = tmp_path / "run"
     base = ["--database", str(rdb["db"]), "--features", str(feats), "--fold", "0", "--epochs", "1",
-            "--out", str(out), *FAST]
+            "--kd-warmup", "0", "--kd-feature-epochs", "0", "--out", str(out), *FAST]
     write(0, fold=1, database=db)
     err = cli(capsys, mask_train.main, base)
     assert "fold0.pt" in err and "fold 1" in err and "feat_save.py" in err and not out.exists()
-    write(0, fold=0, database=dataclasses.replace(db, name="Other"))
+    write(0, fold=0, database=dataclasses.replace(db, name="Other", meta_sha256="0" * 64))
     err = cli(capsys, mask_train.main, base)
-    assert "fold0.pt" in err and "'Other'" in err and not out.exists()
+    assert "fold0.pt" in err and "'Other-00000000'" in err and "feat_save.py" in err and not out.exists()
     (feats / "fold0.pt").write_bytes(b"garbage")
     err = cli(capsys, mask_train.main, base)
     assert "fold0.pt" in err and not out.exists()
@@ -509,8 +514,7 @@ def test_each_kind_loads_weights_only(rdb, teacher_run, tmp_path):
             assert record["feats"].shape == (12, 512) and record["face_layout"] == ["F", "R", "BA", "L", "T", "BO"]
         else:
             assert record["kind"] == kind and record["epoch"] == 1
-            assert common.load_checkpoint(path)["model_config"]["kind"] == kind
-    assert set(torch.load(files["student"], weights_only=True)["modules"]) == {"model", "policy"}
+            assert checkpoints.load_checkpoint(path)["model_config"]["kind"] == kind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,7 +584,7 @@ def test_derived_image_scripts_refuse_a_truncated_image_before_writing(rdb, tmp_
     (root / "images" / "c3_blur2.png").write_bytes(data[: len(data) // 2])
     err = cli(capsys, img_resize.main, ["--database", str(root), "--erp-size", "64x32", "--no-progress"])
     assert "c3_blur2.png" in err and "unreadable" in err
-    err = cli(capsys, extract.main, ["--database", str(root), "--size", "16", "--device", "cpu", "--no-progress"])
+    err = cli(capsys, extract.main, ["--database", str(root), "--face-size", "16", "--device", "cpu", "--no-progress"])
     assert "c3_blur2.png" in err and "unreadable" in err
     assert sorted(p.name for p in root.iterdir()) == ["folds", "images", "meta.csv"]
 
@@ -598,7 +602,7 @@ def test_feat_save_refuses_a_broken_run_record(rdb, tmp_path, capsys):
     (run / "args.json").write_text(json.dumps({"script": "teacher_train", "database_name": "Tiny"}))
     err = cli(capsys, feat_save.main, ["--database", str(rdb["db"]), "--run", str(run), "--features-dir", str(feats),
                                        "--workers", "0", "--no-progress"])
-    assert "args.json" in err and "folds_path" in err and not feats.exists()
+    assert "args.json" in err and "settings" in err and not feats.exists()
 
 
 def test_resume_from_a_foreign_checkpoint_is_one_line(rdb, teacher_run, tmp_path, capsys):
@@ -606,9 +610,10 @@ def test_resume_from_a_foreign_checkpoint_is_one_line(rdb, teacher_run, tmp_path
     shutil.copytree(teacher_run, run)
     ckpt_path = run / "fold0" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
-    del ckpt["modules"]["model"]["head.bias"]  # weights of some other model
-    ckpt["epoch"] = 0
-    torch.save(ckpt, ckpt_path)
+    del ckpt["model"]["head.bias"]  # weights of some other model, as an unfinished fold's state
+    torch.save({"model_config": ckpt["model_config"], "modules": {"model": ckpt["model"]}, "optimizer": {},
+                "epoch": 0, "history": []}, run / "fold0" / "resume.pt")
+    ckpt_path.unlink()
     err = cli(capsys, teacher_train.main, ["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), "--fold",
                                            "0", "--epochs", "1", "--out", str(run), "--resume", *FAST])
-    assert "checkpoint.pt" in err and "cannot resume" in err
+    assert "resume.pt" in err and "cannot resume" in err

@@ -1,0 +1,248 @@
+"""Files derived from a database's images, written beside it: resized ERPs and cube faces.
+
+`resize_database` writes `<db>/erp_<W>x<H>/<stem>.png` (the student's input) with
+`images.resize_rgb`, the one resize the project uses, so training from the originals and from
+these files gives identical pixels. `extract_database` writes `<db>/faces_<size>[_jpeg<q>]/
+<stem>_{F,R,BA,L,T,BO}.png` (the teacher's input) with `images.project_faces`, the function that
+also projects faces on the fly. Both decode and write with a pool of threads, skip up-to-date
+outputs (newer than their source), check every source before writing anything, and write each
+file atomically (lossless PNG), so an interrupted run leaves no torn file.
+"""
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common import UserError, atomic_path, completed
+from databases import Database, check_files_exist
+from images import is_two_to_one, read_rgb, resize_rgb
+
+
+@dataclass
+class Summary:
+    """What a run did, per meta.csv image."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    not_two_to_one: list[str] = field(default_factory=list)
+
+    def line(self, what: str, where: Path) -> str:
+        return (f"{what}: wrote {len(self.written)}, skipped {len(self.skipped)} up to date "
+                f"({len(self.written) + len(self.skipped)} images) in {where}")
+
+
+def write_png(path: Path, pixels: np.ndarray, compress_level: int = 6) -> None:
+    """Lossless PNG, written atomically (a killed run never leaves a torn file)."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG", compress_level=compress_level)
+
+
+def is_up_to_date(source: Path, outputs: Sequence[Path]) -> bool:
+    """All outputs exist and none is older than the source."""
+    try:
+        src_time = source.stat().st_mtime_ns
+        return all(out.stat().st_mtime_ns >= src_time for out in outputs)
+    except FileNotFoundError:
+        return False
+
+
+def check_sources(db: Database, outputs_of: dict[str, Sequence[Path]]) -> None:
+    """Every source exists and no two images share an output file (e.g. `a.jpg` and `a.png`)."""
+    check_files_exist(db)
+    owner: dict[Path, str] = {}
+    for image, outputs in outputs_of.items():
+        for out in outputs:
+            if out in owner:
+                raise UserError(f"{db.root / 'meta.csv'}: {owner[out]!r} and {image!r} would both write {out}; "
+                                f"rename one of them")
+            owner[out] = image
+
+
+def check_readable(paths: Iterable[Path]) -> None:
+    """A cheap pass before anything is written: every file opens as an image and its chunks are whole
+    (PIL's verify: PNG CRCs and truncation), so a bad file is reported before a half-made output."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except Exception as err:  # noqa: BLE001 - PIL raises many kinds on a bad file
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserError(f"{path}: unreadable image ({type(err).__name__}: {detail})") from None
+
+
+def warn(message: str) -> None:
+    """One line on stderr that does not break a running progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def warn_not_two_to_one(path: Path, width: int, height: int) -> None:
+    warn(f"{path}: {width}x{height} is not a 2:1 equirectangular image; treated as one anyway")
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled or total == 0, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# ERP resizing.
+
+def _resize_one(db: Database, image: str, erp_size: tuple[int, int]) -> bool:
+    """Decode, resize, write; returns whether the source is 2:1."""
+    source = db.path(image)
+    pixels = read_rgb(source)
+    height, width = pixels.shape[:2]
+    two_to_one = is_two_to_one(width, height)
+    if not two_to_one:
+        warn_not_two_to_one(source, width, height)
+    write_png(db.erp_path(image, erp_size), resize_rgb(pixels, erp_size))
+    return two_to_one
+
+
+def plan_outputs(db: Database, outputs: dict[str, list[Path]], force: bool) -> tuple[Summary, list[str]]:
+    """Check the sources, skip the images whose outputs are up to date, and return what is left to do."""
+    check_sources(db, outputs)
+    summary = Summary()
+    todo = []
+    for image, paths in outputs.items():
+        if not force and is_up_to_date(db.path(image), paths):
+            summary.skipped.append(image)
+        else:
+            todo.append(image)
+    check_readable(db.path(image) for image in todo)
+    return summary, todo
+
+
+def resize_database(db: Database, erp_size: tuple[int, int] = (1024, 512), threads: int = 8, *,
+                    force: bool = False, progress: bool = True, images: Iterable[str] | None = None) -> Summary:
+    """Write `db.erp_path(image, erp_size)` for every image (or `images`) with `threads` threads;
+    skip up-to-date files."""
+    erp_size = (int(erp_size[0]), int(erp_size[1]))
+    if erp_size[0] < 1 or erp_size[1] < 1:
+        raise UserError(f"--erp-size must be positive, got {erp_size[0]}x{erp_size[1]}")
+    workers = max(1, int(threads))
+    chosen = list(db.images if images is None else images)
+    summary, todo = plan_outputs(db, {image: [db.erp_path(image, erp_size)] for image in chosen}, force)
+    bar = progress_bar(len(todo), f"erp_{erp_size[0]}x{erp_size[1]}", progress)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_resize_one, db, image, erp_size): image for image in todo}
+        try:
+            for image, two_to_one in completed(futures):
+                if not two_to_one:
+                    summary.not_two_to_one.append(image)
+                summary.written.append(image)
+                bar.update(1)
+        finally:
+            bar.close()
+    order = {image: i for i, image in enumerate(chosen)}
+    summary.written.sort(key=order.__getitem__)
+    summary.not_two_to_one.sort(key=order.__getitem__)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Cube faces.
+
+# Largest batch (in ERP pixels) sent to the device at once; big panoramas go one at a time.
+MAX_BATCH_PIXELS = 64 * 1024 * 1024
+
+
+def _write_faces(paths: list[Path], faces: np.ndarray) -> None:
+    for path, face in zip(paths, faces):
+        write_png(path, face)
+
+
+def extract_database(db: Database, face_size: int = 256, device=None, threads: int = 8, *,
+                     jpeg_quality: int | None = None, batch_size: int = 8, force: bool = False,
+                     progress: bool = True, images: Iterable[str] | None = None) -> Summary:
+    """Write `db.face_paths(image, face_size, jpeg_quality)` for every image (or `images`) with `threads`
+    decoding/writing threads and the projection batched on `device`; skip up-to-date ones."""
+    import torch
+
+    from distributed import resolve_device
+    from images import project_faces
+
+    if face_size < 1:
+        raise UserError(f"--face-size must be at least 1, got {face_size}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    workers = max(1, int(threads))
+    dev = device if isinstance(device, torch.device) else resolve_device(None if device in (None, "auto") else str(device))
+    chosen = list(db.images if images is None else images)
+    outputs = {image: db.face_paths(image, face_size, jpeg_quality) for image in chosen}
+    summary, todo = plan_outputs(db, outputs, force)
+
+    bar = progress_bar(len(todo), db.faces_dir(face_size, jpeg_quality).name, progress)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    decoding: deque[tuple[str, Future]] = deque()
+    writing: deque[Future] = deque()
+    pending = iter(todo)
+    window = max(2 * workers, batch_size + workers)
+
+    def fill() -> None:
+        while len(decoding) < window:
+            image = next(pending, None)
+            if image is None:
+                return
+            decoding.append((image, pool.submit(read_rgb, db.path(image))))
+
+    def drain(limit: int) -> None:
+        while len(writing) > limit:
+            writing.popleft().result()
+
+    def flush(batch: list[tuple[str, np.ndarray]]) -> None:
+        if not batch:
+            return
+        erp = torch.from_numpy(np.stack([pixels for _, pixels in batch])).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            faces = project_faces(erp.to(dev, non_blocking=True), face_size, jpeg_quality)  # [B,6,3,s,s] uint8
+        faces = faces.permute(0, 1, 3, 4, 2).cpu().numpy()  # [B,6,s,s,3]
+        for (image, _), image_faces in zip(batch, faces):
+            writing.append(pool.submit(_write_faces, outputs[image], image_faces))
+            summary.written.append(image)
+        drain(4 * workers)
+        bar.update(len(batch))
+        batch.clear()
+
+    try:
+        batch: list[tuple[str, np.ndarray]] = []
+        fill()
+        while decoding:
+            image, future = decoding.popleft()
+            pixels = future.result()
+            fill()
+            height, width = pixels.shape[:2]
+            if not is_two_to_one(width, height):
+                warn_not_two_to_one(db.path(image), width, height)
+                summary.not_two_to_one.append(image)
+            if batch and batch[0][1].shape != pixels.shape:
+                flush(batch)
+            batch.append((image, pixels))
+            limit = max(1, min(batch_size, MAX_BATCH_PIXELS // max(1, height * width)))
+            if len(batch) >= limit:
+                flush(batch)
+        flush(batch)
+        drain(0)
+    except BaseException:
+        for _, future in decoding:
+            future.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return summary
+
+

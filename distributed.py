@@ -1,0 +1,154 @@
+"""Devices and torchrun: the process group, which rank trains what, and collecting results.
+
+Without torchrun there is one process (world 1) and nothing here communicates. Under
+`torchrun --nproc_per_node=N` a training script runs one of two ways (`--parallel`):
+
+* `folds`: rank r trains folds r, r+N, ... whole, on its own device (ranks share a GPU when there
+  are more ranks than GPUs); rank 0 gathers every fold's result and writes the run's tables.
+* `batch`: every fold is trained by all ranks together with `DistributedDataParallel`: each
+  step's batch is split across the ranks and DDP averages the gradients during the backward pass.
+
+NCCL on GPUs, gloo on CPU. Rank 0 alone prints and writes the run-level files.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from common import UserError
+
+
+def resolve_device(name: str | None):
+    """`--device` as a torch.device; None is cuda when present, else cpu."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+class Distributed:
+    """The process group of a torchrun launch (world 1 without torchrun)."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.mode = "none"  # "batch" (DDP over each step's batch), "folds" (whole folds per rank) or "none"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether each step's batch (and each evaluation) is split across the ranks."""
+        return self.enabled and self.mode == "batch"
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(rank, world) of the data-parallel group: (0, 1) unless --parallel batch."""
+        return (self.rank, self.world) if self.data_parallel else (0, 1)
+
+    def init(self, device_arg: str | None, mode: str = "none"):
+        """Start the process group (NCCL on CUDA, gloo on CPU) and return this rank's device."""
+        import torch
+        import torch.distributed as dist
+
+        device = resolve_device(device_arg)
+        if not self.enabled:
+            self.mode = "none"
+            return device
+        self.mode = mode
+        if device.type == "cuda":
+            index = device.index if device_arg not in (None, "cuda") and device.index is not None else None
+            device = torch.device("cuda", index if index is not None else self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            # NCCL needs one GPU per rank; ranks sharing a GPU (fold-parallel) talk over gloo.
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+            shared_gpu = device.type == "cuda" and local_world > torch.cuda.device_count()
+            backend = "nccl" if device.type == "cuda" and not shared_gpu else "gloo"
+            dist.init_process_group(backend)
+        return device
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (pickled; for small results)."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_buffers(self, modules: list) -> None:
+        """Rank 0's BatchNorm running statistics on every rank (before each evaluation)."""
+        if not self.data_parallel:
+            return
+        import torch.distributed as dist
+
+        for module in modules:
+            for buf in module.buffers():
+                dist.broadcast(buf, 0)
+
+    def gather_rows(self, values, rows):
+        """Every rank's (values [n_r], rows [n_r]) -> all values ordered by row, on every rank."""
+        import torch
+
+        if not self.data_parallel:
+            return values[torch.argsort(rows.to(values.device))]
+        import torch.distributed as dist
+
+        count = torch.tensor([len(rows)], device=values.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world)]
+        dist.all_gather(counts, count)
+        size = int(max(c.item() for c in counts))
+        pad_v = torch.zeros(size, dtype=values.dtype, device=values.device)
+        pad_r = torch.full((size,), -1, dtype=torch.long, device=values.device)
+        pad_v[:len(values)], pad_r[:len(rows)] = values, rows.to(values.device)
+        all_v = [torch.zeros_like(pad_v) for _ in range(self.world)]
+        all_r = [torch.zeros_like(pad_r) for _ in range(self.world)]
+        dist.all_gather(all_v, pad_v)
+        dist.all_gather(all_r, pad_r)
+        v, r = torch.cat(all_v), torch.cat(all_r)
+        keep = r >= 0
+        return v[keep][torch.argsort(r[keep])]
+
+    def my_folds(self, fold_ids: list[int]) -> list[int]:
+        """The folds this rank trains: all of them, or under --parallel folds every world-th one."""
+        if self.enabled and self.mode == "folds":
+            return fold_ids[self.rank::self.world]
+        return list(fold_ids)
+
+
+def sum_gradients(process_group, bucket):
+    """DDP communication hook: the sum of the ranks' gradients (DDP's default averages them).
+
+    Each rank's loss is already weighted by its share of the global batch, so the sum is the
+    gradient of the global batch's mean loss. Averaging instead would need each rank's loss scaled
+    up by the number of ranks, which changes what the mask's straight-through gradient clamp sees."""
+    import torch.distributed as dist
+
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+DIST = Distributed()
