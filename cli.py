@@ -17,7 +17,6 @@ from typing import Any
 
 from common import DEFAULT_SEED, UserError, jsonable, parse_size
 from settings import (
-    PROTOCOL_NOTES,
     PROTOCOLS,
     SELECT_METRICS,
     DataSettings,
@@ -100,24 +99,21 @@ def erp_size_type(text: str) -> tuple[int, int]:
     return width, height
 
 
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def int_at_least(minimum: int, what: str):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+positive = int_at_least(1, "a positive integer")
+non_negative = int_at_least(0, "an integer >= 0")
 
 
 def default_workers() -> int:
@@ -336,12 +332,6 @@ def resolve_protocol(args: argparse.Namespace, script: str) -> argparse.Namespac
     if hasattr(resolved, "tf32") and isinstance(resolved.tf32, str):
         resolved.tf32 = resolved.tf32 == "on"
     return resolved
-
-
-def protocol_line(settings: TrainingSettings) -> str:
-    """One line naming what the protocol preset set."""
-    note = PROTOCOL_NOTES[settings.protocol].format(metric=settings.eval.select_metric)
-    return f"protocol {note}"
 
 
 def resume_args(args: argparse.Namespace, explicit: frozenset[str], script: str) -> argparse.Namespace:

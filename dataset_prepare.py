@@ -1,29 +1,16 @@
-"""Write a database's `meta.csv` from its own release, and import the authors' fold files.
+"""Write a database's `meta.csv` from its own release, and import the authors' fold files
+(used by `python dataset.py prepare` and `python dataset.py folds --authors DIR`).
 
-Used by `dataset.py` (`prepare` and `folds --authors`):
-
-    python dataset.py prepare --database OIQA --root data/OIQA --score-file data/OIQA/MOS/360IQA_MOS.mat
-    python dataset.py prepare --database OIQA --root data/OIQA --score-kind mos --with-references
-    python dataset.py prepare --database CVIQ --root data/CVIQ --score-file path/to/kd-oiqa/data/CVIQ.csv
-    python dataset.py prepare --database IQA-ODI --root data/IQA-ODI --score-file path/to/IQA-ODI_1080.csv
-    python dataset.py folds --database OIQA --authors path/to/kd-oiqa/data/OIQA   # folds/authors.json
-
-What each parser writes (one row per scored image; `level` 1 is always the mildest):
-
-* OIQA (`360IQA_MOS.mat`, arrays `MOS` 1-10 and `MOSz`, 336x1): rows 1-320 are
-  `distorted_images/img<i>.jpg|png`, content `oiqa_c<(i-1)//20>`; in each content's block of 20:
-  JPEG, JPEG2000, Gaussian noise, Gaussian blur, levels 1-5 (quality falls with the level).
-  Rows 321-336 are the 16 references (`reference_images/img<i>` or `img<i-320>`, content in the
-  same order), kept only with `with_references`. Score: MOSz (the paper) or `score="mos"`.
-* CVIQ (the authors' `CVIQ.csv`, `path,score`, no header): `<root>/001.png`...`544.png`,
-  content `cviq_c<(id-1)//34>`; in each block of 34: ids 1-11 JPEG, 12-22 H.264/AVC,
-  23-33 H.265/HEVC, 34 the reference. `level` is the position inside the codec's group of 11:
-  1 = the mildest compression, 11 = the strongest (the scores fall with it: the mean MOS over the
-  16 contents goes 65 -> 18 for JPEG, 66 -> 31 for AVC, 66 -> 33 for HEVC).
-* IQA-ODI (the authors' `IQA-ODI_1080.csv`, `name,score`, no header): `all_ref_test_img/<name>.jpg`,
-  content the trailing `<category>_P<n>`; `QF<q>_ERP_...` -> `jpeg_erp`, `QF<q>_<proj>_...` ->
-  `<proj>` (cmp, cpp, isp, ohp), bare names -> `reference`; `level` is the JPEG quality factor
-  (lower = worse). DMOS 0-100, higher is worse (references score 0).
+Each parser writes one row per scored image; `level` 1 is always the mildest. What each reads:
+* OIQA: `360IQA_MOS.mat` (`MOS` 1-10 and `MOSz`, 336x1): rows 1-320 are `distorted_images/img<i>.*`,
+  content `oiqa_c<(i-1)//20>`, 20 per content (JPEG, JPEG2000, noise, blur, 5 levels each); rows
+  321-336 the references (kept with `with_references`). Score: MOSz (the paper) or `score="mos"`.
+* CVIQ: the authors' `CVIQ.csv` (`path,score`): `<root>/001.png`...`544.png`, content `(id-1)//34`;
+  in each block of 34: ids 1-11 JPEG, 12-22 H.264/AVC, 23-33 H.265/HEVC, 34 the reference; `level`
+  is the position in the codec's group (1 mildest, 11 strongest: the scores fall with it).
+* IQA-ODI: the authors' `IQA-ODI_1080.csv` (`name,score`): `all_ref_test_img/<name>.jpg`, content the
+  trailing `<category>_P<n>`; `QF<q>_ERP_...` -> `jpeg_erp`, `QF<q>_<proj>_...` -> `<proj>`, bare
+  names -> `reference`; `level` the JPEG quality factor. DMOS 0-100, higher is worse.
 """
 from __future__ import annotations
 

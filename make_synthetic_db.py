@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
+from cli import non_negative, positive
 from common import UserError, atomic_path, atomic_write_csv, completed, parse_size, run_cli
 
 # ----------------------------------------------------------------------------------------------
@@ -524,20 +525,6 @@ def _worker_main(job: ContentJob) -> tuple[list[dict[str, Any]], list[str]]:
 # ----------------------------------------------------------------------------------------------
 # CLI.
 
-def _int_at_least(minimum: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
-        return value
-    return parse
-
-
-_positive_int = _int_at_least(1, "positive")
-_seed = _int_at_least(0, "non-negative")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -547,16 +534,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=DETAILS,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="database folder to write (created)")
-    parser.add_argument("--contents", type=_positive_int, default=8,
+    parser.add_argument("--contents", type=positive, default=8,
                         help="number of reference contents (with --sources: at most this many) [8]")
     parser.add_argument("--size", type=lambda t: parse_size(t, name="--size"), default=(512, 256),
                         metavar="WxH", help=f"ERP size, width = 2 x height, width >= {MIN_WIDTH} [512x256]")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed for contents and noise [0]")
+    parser.add_argument("--seed", type=non_negative, default=0, help="seed for contents and noise [0]")
     parser.add_argument("--name", default=None,
                         help="the database's name in database.json and in run folders [the --out folder's name]")
     parser.add_argument("--sources", type=Path, default=None,
                         help="folder of your own ERP panoramas to use instead of procedural scenes")
-    parser.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive, default=min(4, os.cpu_count() or 1),
                         help="parallel processes (one content each) [min(4, CPUs)]")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing database in --out (its images/, meta.csv, database.json)")

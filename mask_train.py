@@ -1,18 +1,11 @@
 """ERP student of KD-OIQA, distilled from the cached cube-face teacher features.
 
-The student sees only the equirectangular image (1024x512): backbone -> pooled feature f_s ->
-linear head. With `--kd mask` (the paper's mask distillation) a policy network reads
-cat(f_s, f_t) and picks, channel by channel, the teacher's or the student's feature; the
-student's head must score the mix, and the student learns to imitate it (methods.StudentMethod):
-
-    epochs 1..5       L = MSE(y_hat, y)                                         (--kd-warmup 5)
-    epochs 6..10      L = MSE(y_hat, y) + 0.2 * MSE(f_s, f_t)                   (--kd-feature-epochs 5)
-    epochs 11..       L = MSE(y_hat, y) + MSE(head(f_m), y) + 0.2 * MSE(f_s, f_m.detach())
-                      f_m = (1 - m) * f_s.detach() + m * f_t,  m = policy(f_s, f_t) in {0, 1}
-
-`--kd feature` keeps the plain feature loss after the warm-up; `--kd none` is the paper's
-baseline_train.py (no teacher). The student trains on its teacher's split. At inference it needs
-no viewports.
+The student sees only the equirectangular image: backbone -> pooled feature f_s -> linear head.
+With `--kd mask` (the paper's) a policy network picks, channel by channel, the teacher's feature
+f_t or f_s; the head must score the mix f_m, and the student learns to imitate it
+(methods.StudentMethod): epochs 1-5 L = MSE(y_hat, y); 6-10 L += 0.2 MSE(f_s, f_t); from 11
+L = MSE(y_hat, y) + MSE(head(f_m), y) + 0.2 MSE(f_s, f_m.detach()). `--kd feature` keeps the plain
+feature loss; `--kd none` is the paper's baseline_train.py. It trains on its teacher's split.
 
     python mask_train.py --database OIQA                 # mask KD from features/<OIQA key>/
     python mask_train.py --database OIQA --kd none       # the baseline, on the same split

@@ -1,23 +1,14 @@
 """Quality-assessment metrics: logistic mapping, SRCC, KRCC, PLCC, RMSE, and fold summaries.
 
-Conventions (the paper's, made robust):
-
-* SRCC (Spearman) and KRCC (Kendall tau-b) are computed on the raw predictions.
-* PLCC (Pearson) and RMSE are computed between the *fitted* predictions and the subjective
-  scores, after a nonlinear mapping fitted on the same data (``fit="logistic4"`` by default,
-  the paper's ``b2 + (b1 - b2) / (1 + exp(-(x - b3) / |b4|))`` initialised at
-  ``[max y, min y, mean x, 0.5]``).
-* The fit never raises for finite input: when it fails, is degenerate or is worse than a
-  straight line, a linear least-squares fit (or a constant, for constant predictions) is used
-  instead and the reason is recorded (``FitResult.fallback`` / ``evaluate()["fit_fallback"]``).
-* Score direction: a model regresses its training database's own score, MOS or DMOS alike, so a
-  good model correlates *positively* with that score and ``evaluate`` reports the correlations
-  unchanged (``sign_flipped=False``). Only when the model was trained on a database whose score
-  runs the other way (cross-database: trained on a MOS database, tested on a DMOS one, or the
-  reverse; pass ``train_higher_is_better``) are the correlations, fit and RMSE computed against
-  the negated test score (``orient``), and ``sign_flipped=True`` says so.
-* Fold summaries (``summarize``) append mean, sample standard deviation (``ddof=1``; NaN for a
-  single fold) and median rows.
+The paper's conventions, made robust: SRCC (Spearman) and KRCC (Kendall tau-b) on the raw
+predictions; PLCC and RMSE after a mapping fitted on the same data (by default the paper's
+``b2 + (b1 - b2) / (1 + exp(-(x - b3) / |b4|))`` from ``[max y, min y, mean x, 0.5]``). The fit
+never raises for finite input: a failed, degenerate (step-like) or worse-than-linear fit falls
+back to a linear one and says why (``FitResult.fallback``). A model regresses its training
+database's own score (MOS or DMOS), so a good model correlates positively with it; only when it
+is scored on a database whose score runs the other way (cross-database, ``train_higher_is_better``)
+are the metrics taken against the negated test score (``sign_flipped``). Fold summaries append
+mean, sample standard deviation (ddof=1) and median rows.
 """
 from __future__ import annotations
 

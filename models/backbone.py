@@ -171,7 +171,15 @@ class InputNorm(nn.Module):
 
 class ScoringNet(nn.Module):
     """What the teacher and the student share: input normalisation, a ResNet trunk, and a linear head
-    that maps a `feature_dim` feature to the score. Subclasses add what lies between trunk and head."""
+    that maps a `feature_dim` feature to the score. Subclasses add what lies between trunk and head.
+
+    Args:
+        arch: backbone, ``resnet18`` (paper), ``resnet34`` or ``resnet50``.
+        pretrained: start the backbone from torchvision's ImageNet weights.
+        weights_path: start it from this state-dict file instead (offline machines).
+        normalize: ``imagenet`` or ``none`` (the paper's ``ToTensor()``-only input).
+        feature_dim: size of the feature the head scores (512 in the paper; teacher and student alike).
+    """
 
     kind = ""
 

@@ -16,15 +16,8 @@ from models.backbone import ScoringNet
 
 
 class StudentNet(ScoringNet):
-    """Score an omnidirectional image from its ERP projection.
-
-    Args:
-        arch: backbone, ``resnet18`` (paper), ``resnet34`` or ``resnet50``.
-        pretrained: start the backbone from torchvision's ImageNet weights.
-        weights_path: start it from this state-dict file instead (offline machines).
-        normalize: ``imagenet`` or ``none`` (the paper's ``ToTensor()``-only input).
-        feature_dim: size of the student feature; must equal the teacher's for distillation.
-    """
+    """Score an omnidirectional image from its ERP projection (arguments: `ScoringNet`'s; the feature
+    size must equal the teacher's for distillation)."""
 
     kind = "student"
 

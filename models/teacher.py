@@ -29,13 +29,8 @@ FACE_BATCHNORM_MODES: tuple[str, ...] = ("joint", "per-face")
 class TeacherNet(ScoringNet):
     """Score an omnidirectional image from its six cube faces (order ``FACE_LAYOUT``).
 
-    Args:
-        arch: backbone, ``resnet18`` (paper), ``resnet34`` or ``resnet50``.
-        pretrained: start the backbone from torchvision's ImageNet weights.
-        weights_path: start it from this state-dict file instead (offline machines).
-        normalize: ``imagenet`` or ``none`` (the paper's ``ToTensor()``-only input).
-        feature_dim: size of the teacher feature (projector output); 512 in the paper.
-        face_batchnorm: ``joint`` or ``per-face`` (the paper's): BatchNorm statistics in training.
+    Arguments: `ScoringNet`'s (the feature is the projector's output), and ``face_batchnorm``: ``joint``
+    or ``per-face`` (the paper's), the BatchNorm statistics in training.
     """
 
     kind = "teacher"

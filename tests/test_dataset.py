@@ -13,8 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import dataset
 import databases
+import dataset
 import images
 from common import UserError, run_cli
 from databases import REGISTRY, load_database, read_meta, registry_lookup, resolve_database_root

@@ -17,8 +17,8 @@ sys.path.insert(0, str(REPO))
 import dataset_prepare
 from common import UserError
 from databases import load_database
-from folds import load_folds, write_folds
 from dataset_prepare import import_author_folds, match_key, prepare
+from folds import load_folds, write_folds
 
 REFERENCE = REPO.parent / "shared" / "reference"
 UPSTREAM = REFERENCE / "kd-oiqa-upstream"

@@ -1,48 +1,16 @@
 """Equirectangular (ERP) tensors to rectilinear viewports with one batched ``grid_sample``.
 
 Conventions (py360convert's and the paper's): longitude 0 is the ERP centre column, positive to
-the right; latitude positive up; output row 0 is the top of the view. Cube faces come in the
-order F, R, BA, L, T, BO = (lon, lat) (0, 0), (90, 0), (180, 0), (-90, 0), (0, 90), (0, -90),
-each with a 90 degree field of view.
+the right; latitude positive up; output row 0 is the top of the view. Cube faces come in the order
+F, R, BA, L, T, BO = (lon, lat) (0, 0), (90, 0), (180, 0), (-90, 0), (0, 90), (0, -90), 90 degrees.
 
-Exactness. With ``antialias=False`` every viewport equals ``py360convert.e2p(img_hwc, fov, lon,
-lat, (h, w), roll)`` (bilinear, its default) up to float rounding: the same pixel-centre grid on
-the tangent plane (``linspace(-tan(fov/2), tan(fov/2), n)``), the same rotations (``u_deg``
-positive to the right, ``v_deg`` up, ``in_rot_deg`` as the roll), the same ERP pixel centres, and
-the same one-pixel padding: columns wrap around the +-180 degree seam, the row above the top row
-is the top row rolled by ``W // 2`` (the pixels on the other side of the pole), likewise at the
-bottom. The padding is not materialised (no copy of the ERP): ``grid_sample`` (zeros padding) runs
-on the unpadded ERP and the few output pixels whose bilinear footprint leaves the image (within
-half a pixel of the seam or of a pole row) are recomputed from four wrapped taps with a cached
-gather. Measured against py360convert 1.0.4 on a textured 2048x1024 panorama (values in [0, 1]):
-max abs difference about 5e-5 away from the poles (float32 coordinate rounding, ours and theirs)
-and at most 3.2e-4 within a few pixels of a pole, where py360convert's float32 longitudes lose
-precision (this module builds grids in float64); the tests require <= 1e-3. uint8 results differ
-by at most one grey level (rounding). The only ambiguous pixels are those lying exactly on a
-pole (e.g. the centre pixel of an odd-sized top face), whose longitude is undefined: both
-implementations then pick an arbitrary one.
-
-Antialiasing. ``antialias=True`` is the paper's pipeline, implemented exactly rather than
-approximated: the viewport is sampled bilinearly at its native resolution (for a 90 degree cube
-face ``n0 = 8 * floor(W / pi / 8)``, the paper's rule; for other fields of view, per axis,
-``8 * floor(W * tan(fov / 2) / pi / 8)``), then downscaled to the requested size with
-``F.interpolate(mode="bilinear", antialias=True)`` (the triangle filter of PIL's BILINEAR resize).
-Axes whose native size does not exceed the requested size are sampled directly, so with
-``n0 <= size`` antialiasing changes nothing. Measured difference against the exact reference
-(``py360convert.e2p`` at native size, then the same torch resize), 256 px faces of 2048x1024
-panoramas: max abs 4e-7, mean 2e-8 on a smooth one; max abs 2.1e-5, mean 9e-7 on a textured one
-(the tests require max <= 1e-4 and mean <= 1e-5). Against the same pipeline built from this
-module's own ``antialias=False`` sampling it is bit-identical. Cost: the native sampling
-dominates, ``(n0 / size) ** 2`` times the samples of ``antialias=False`` (6.4x for 256 px faces of
-a 2048 px wide ERP, 25.6x for a 4096 px one).
-
-Memory: uint8 (and half precision) inputs are converted to float32 one chunk of the batch at a
-time, and the native-resolution intermediate is bounded the same way: a chunk holds about
-``_CHUNK_ELEMS`` values of intermediates (2**26 float32 on CPU, 2**28 on CUDA), or one image
-when a single image needs more (a 4096x2048 uint8 image with antialiased 256 px faces: 25M + 30M).
-
-Grids are cached per (H, W, sampled size, centres, fov, roll, dtype, device); a repeated call
-costs one ``grid_sample`` (plus the small seam/pole gather and, for antialias, the resize).
+``antialias=False`` equals ``py360convert.e2p`` (bilinear) up to float rounding, including its
+one-pixel padding across the +-180 degree seam and over the poles (recomputed from four wrapped
+taps, without copying the ERP). ``antialias=True`` is the paper's pipeline done exactly: sampled at
+the native size (8 * floor(W / pi / 8) for a 90-degree face), then downscaled with
+``F.interpolate(antialias=True)``. Large batches are processed in chunks of bounded memory; grids
+are cached per geometry, dtype and device. Accuracy against py360convert and speed:
+benchmarks/NOTES.md (tests/test_viewport.py holds the tolerances).
 """
 from __future__ import annotations
 
