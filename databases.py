@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from common import UserError
-from viewport.project import FACE_NAMES
+from viewport.layout import FACE_NAMES
 
 REQUIRED_COLUMNS = ("image", "mos", "ref")
 OPTIONAL_COLUMNS = ("distortion", "level")

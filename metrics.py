@@ -31,6 +31,8 @@ _MAXFEV = 20000
 # A nonlinear fit is kept unless its RMSE exceeds the linear fit's by more than this fraction
 # (near-linear data make the two agree to rounding; a stuck fit is worse by far more).
 _LINEAR_TOLERANCE = 1e-3
+# A fit whose central 90% rise spans less than this share of the prediction range is a step, not a fit.
+STEP_SHARE = 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +170,19 @@ def _unstandardize(kind: str, params: np.ndarray, mean: float, std: float) -> np
     return p
 
 
+def rise_share(func: Any, params: Sequence[float], x: np.ndarray) -> float:
+    """The share of the prediction range [min x, max x] over which the fitted curve makes the central
+    90% of its total rise (1.0 for a curve that does not move there)."""
+    xs = np.linspace(float(x.min()), float(x.max()), 2001)
+    steps = np.abs(np.diff(func(xs, *params)))
+    total = float(steps.sum())
+    if not math.isfinite(total) or total <= 0.0:
+        return 1.0
+    cumulative = np.concatenate([[0.0], np.cumsum(steps)]) / total
+    lo, hi = np.searchsorted(cumulative, 0.05), np.searchsorted(cumulative, 0.95)
+    return float((xs[min(hi, xs.size - 1)] - xs[lo]) / (xs[-1] - xs[0]))
+
+
 def fit_logistic(pred: Any, mos: Any, kind: str = "logistic4") -> FitResult:
     """Fit a mapping from predictions ``pred`` to subjective scores ``mos``.
 
@@ -220,6 +235,12 @@ def fit_logistic(pred: Any, mos: Any, kind: str = "logistic4") -> FitResult:
         if fit_rmse > linear_rmse * (1.0 + _LINEAR_TOLERANCE) + 1e-12 * (1.0 + float(np.abs(y).max())):
             failures.append(f"{name} init: RMSE {fit_rmse:.4g} worse than linear {linear_rmse:.4g}")
             continue
+        share = rise_share(func, params, x)
+        if share < STEP_SHARE:
+            # A step: the curve splits the predictions into two levels, which PLCC would reward as if
+            # it were a fit. No other start does better on the same data; fall back at once.
+            return FitResult(linear.kind, linear.params, f"{kind} fit is step-like (90% of its rise within "
+                             f"{100 * share:.2g}% of the prediction range); used a linear fit", kind)
         return FitResult(kind, tuple(float(p) for p in params), None, kind, name)
     return FitResult(linear.kind, linear.params, f"{kind} fit failed ({'; '.join(failures)}); used a linear fit",
                      kind)

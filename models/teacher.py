@@ -19,7 +19,7 @@ from torch import nn
 
 from common import UserError
 from models.backbone import ScoringNet
-from viewport.project import FACE_NAMES
+from viewport.layout import FACE_NAMES
 
 FACE_LAYOUT: tuple[str, ...] = FACE_NAMES
 NUM_FACES = len(FACE_LAYOUT)

@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny database built from smooth random panoramas (fast on 2 CPU cores)."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,3 +34,22 @@ def make_tiny_db(root: Path, contents: int = 4, levels: int = 3, size: tuple[int
 @pytest.fixture(scope="session")
 def tiny_db(tmp_path_factory) -> Path:
     return make_tiny_db(tmp_path_factory.mktemp("tinydb") / "Tiny")
+
+
+def kill_after_first(cmd: list[str], ckpt: Path, timeout: float = 120) -> None:
+    """Run `cmd` and SIGKILL it as soon as `ckpt` appears (mid-epoch: the next save is epochs away)."""
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ckpt.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended before its first checkpoint: {proc.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("no checkpoint appeared in time")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)  # mid-epoch 3: the next checkpoint (epoch 4) is two epochs away
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()

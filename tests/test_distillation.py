@@ -98,3 +98,58 @@ def test_mask_share_scalar():
     b = batch()
     _, scalars = method(b["pixels"], b["target"], b["teacher_feature"], epoch=20)
     assert 0.0 <= float(scalars["mask_teacher_share"]) <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Value by value: each loss term of each phase, and the total, against a hand computation.
+
+def by_hand(method: StudentMethod, b: dict, phase: str) -> dict[str, torch.Tensor]:
+    """The paper's losses written out: f_m = torch.where(mask, f_t, f_s), the weight 0.2 on imitation only."""
+    model, y, f_t = method.model, b["target"], b["teacher_feature"]
+    f_s = model.backbone(model.norm(b["pixels"]))          # ResNet-18: the pooled 512-d feature is f_s
+    out = {"score": ((model.head(f_s).squeeze(-1) - y) ** 2).mean()}
+    if phase == "feature":
+        out["imitation"] = ((f_s - f_t) ** 2).mean()
+        out["total"] = out["score"] + 0.2 * out["imitation"]
+    elif phase == "mask":
+        policy = method.policy
+        mask = torch.sigmoid(policy.fc2(policy.fc1(torch.cat([f_s, f_t], dim=-1)))) > 0.5
+        f_m = torch.where(mask, f_t, f_s)                    # teacher channels where the mask is 1
+        out["mixed"] = ((model.head(f_m).squeeze(-1) - y) ** 2).mean()
+        out["imitation"] = ((f_s - f_m) ** 2).mean()
+        out["share"] = mask.float().mean()
+        out["total"] = out["score"] + out["mixed"] + 0.2 * out["imitation"]
+    else:
+        out["total"] = out["score"]
+    return out
+
+
+@pytest.mark.parametrize("epoch,phase", [(1, "supervised"), (8, "feature"), (11, "mask")])
+def test_loss_terms_equal_a_hand_computation(epoch, phase):
+    method = make_method()
+    method.eval()  # one set of BatchNorm statistics for both computations
+    b = batch(4)
+    with torch.no_grad():
+        expected = by_hand(method, b, phase)
+        loss, scalars = method(b["pixels"], b["target"], b["teacher_feature"], epoch=epoch)
+    assert method.phase(epoch) == phase
+    torch.testing.assert_close(loss, expected["total"], rtol=1e-6, atol=1e-5)
+    names = {"score", "imitation", "mixed"} & set(expected)
+    assert {k for k in scalars if k.startswith("loss_")} == {f"loss_{n}" for n in names}
+    for name in names:
+        torch.testing.assert_close(scalars[f"loss_{name}"], expected[name], rtol=1e-6, atol=1e-5)
+    if phase == "mask":
+        assert 0.1 < float(expected["share"]) < 0.9  # a real mix: a swapped mix would give other values
+        assert float(scalars["mask_teacher_share"]) == pytest.approx(float(expected["share"]), abs=1e-7)
+
+
+def test_kd_weight_scales_the_imitation_term_only():
+    b = batch(3)
+    for weight in (0.2, 1.0, 3.0):
+        method = StudentMethod(make_method().model, DistillSettings(kd="mask", kd_weight=weight))
+        method.eval()
+        with torch.no_grad():
+            loss, s = method(b["pixels"], b["target"], b["teacher_feature"], epoch=11)
+        torch.testing.assert_close(loss, s["loss_score"] + s["loss_mixed"] + weight * s["loss_imitation"],
+                                   rtol=1e-6, atol=1e-4)
+        assert float(s["loss_imitation"]) > 1e-3 and float(s["loss_mixed"]) > 1e-3

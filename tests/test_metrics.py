@@ -177,3 +177,92 @@ def test_summarize_and_table() -> None:
     assert lines[0].split() == ["fold", "srcc", "krcc", "plcc", "rmse", "n"]
     assert any(line.startswith("mean") and "0.8833" in line for line in lines)
     assert format_results_table(summarize(rows[:1])).count("n/a") == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Against an independent reference: scipy's curve_fit of the paper's logistic from its own start.
+
+def paper_logistic(x, b1, b2, b3, b4):
+    with np.errstate(over="ignore"):
+        return b2 + (b1 - b2) / (1 + np.exp(-(x - b3) / np.abs(b4)))
+
+
+def paper_fitted(pred: np.ndarray, mos: np.ndarray) -> np.ndarray:
+    """What the paper's fit_function computes: curve_fit from [max y, min y, mean x, 0.5]."""
+    from scipy.optimize import curve_fit
+
+    popt, _ = curve_fit(paper_logistic, pred, mos, p0=[mos.max(), mos.min(), pred.mean(), 0.5], maxfev=100000)
+    return paper_logistic(pred, *popt)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plcc_and_rmse_equal_the_papers_fit(seed):
+    rng = np.random.default_rng(seed)
+    pred = rng.uniform(0.0, 1.0, 60)
+    mos = paper_logistic(pred, 80.0, 20.0, 0.5, 0.12) + rng.normal(0.0, 3.0, pred.size)
+    fitted = paper_fitted(pred, mos)
+    result = evaluate(pred, mos)
+    assert result["fit_fallback"] is None and result["fit"] == "logistic4"
+    assert result["plcc"] == pytest.approx(stats.pearsonr(fitted, mos)[0], abs=1e-6)
+    assert result["rmse"] == pytest.approx(float(np.sqrt(np.mean((fitted - mos) ** 2))), rel=1e-5)
+    assert result["srcc"] == pytest.approx(stats.spearmanr(pred, mos)[0], abs=1e-12)
+
+
+def test_no_fallback_on_well_posed_data_and_rescaling_changes_nothing():
+    fit = fit_logistic(PRED, MOS)
+    assert fit.kind == "logistic4" and fit.fallback is None and fit.init == "paper"
+    base = evaluate(PRED, MOS)
+    for scale, offset in ((1e3, 5.0), (1e-3, -2.0), (50.0, 1e4)):
+        rescaled = evaluate(PRED * scale + offset, MOS)
+        assert rescaled["fit_fallback"] is None
+        for key in ("srcc", "krcc", "plcc", "rmse"):
+            assert rescaled[key] == pytest.approx(base[key], rel=1e-4), (scale, offset, key)
+
+
+def test_what_each_fallback_returns(monkeypatch):
+    # Constant predictions: a constant at the mean score; PLCC is undefined (0), RMSE the score's std.
+    flat = fit_logistic(np.full(8, 0.3), MOS[:8])
+    assert flat.kind == "constant" and flat.params == pytest.approx((MOS[:8].mean(),))
+    assert flat.fallback == "constant predictions"
+    # Too few points for four parameters: the least-squares line.
+    few = fit_logistic(PRED[:4], MOS[:4])
+    assert few.kind == "linear" and "only 4 points" in few.fallback
+    assert few.params == pytest.approx(tuple(np.polyfit(PRED[:4], MOS[:4], 1)))
+    # Every start worse than a line: the line, with each start's reason.
+    monkeypatch.setattr(metrics.optimize, "curve_fit", lambda f, x, y, p0, maxfev: (np.asarray(p0), None))
+    worse = fit_logistic(PRED, MOS)
+    assert worse.kind == "linear" and worse.fallback.count("worse than linear") >= 3
+    assert worse.params == pytest.approx(tuple(np.polyfit(PRED, MOS, 1)))
+    assert evaluate(PRED, MOS)["plcc"] == pytest.approx(stats.pearsonr(PRED, MOS)[0], abs=1e-9)
+
+
+def test_a_step_like_fit_is_degenerate():
+    """Scores at two levels split at one prediction: the logistic turns into a step there (a two-level
+    fit PLCC would reward); it is treated as degenerate, the line is used, and the reason recorded."""
+    rng = np.random.default_rng(5)
+    pred = np.sort(rng.uniform(0.0, 1.0, 60))
+    mos = np.where(pred < 0.5, 30.0, 60.0) + rng.normal(0.0, 1.0, pred.size)
+    fit = fit_logistic(pred, mos)
+    assert fit.kind == "linear" and "step-like" in fit.fallback
+    assert fit.params == pytest.approx(tuple(np.polyfit(pred, mos, 1)))
+    result = evaluate(pred, mos)
+    assert result["fit_fallback"] == fit.fallback
+    assert result["plcc"] == pytest.approx(stats.pearsonr(pred, mos)[0], abs=1e-9)
+    # The share of the prediction range over which a curve makes the central 90% of its rise there, by hand:
+    # the logistic 1 / (1 + exp(-(x - 0.5) / 0.1)) over [0, 1] goes from a = f(0) to b = f(1); invert it at
+    # a + 0.05 (b - a) and a + 0.95 (b - a).
+    f = lambda x: 1 / (1 + math.exp(-(x - 0.5) / 0.1))  # noqa: E731
+    inverse = lambda v: 0.5 + 0.1 * math.log(v / (1 - v))  # noqa: E731
+    a, b = f(0.0), f(1.0)
+    by_hand = inverse(a + 0.95 * (b - a)) - inverse(a + 0.05 * (b - a))
+    x = np.linspace(0.0, 1.0, 50)
+    assert metrics.rise_share(logistic4, (1.0, 0.0, 0.5, 0.1), x) == pytest.approx(by_hand, abs=1e-3)
+
+
+def test_the_fit_is_computed_once_and_reused():
+    evaluation = metrics.assess(PRED, MOS)
+    fitted = evaluation.fit.predict(PRED)
+    assert evaluation.metrics["plcc"] == pytest.approx(stats.pearsonr(fitted, MOS)[0], abs=1e-12)
+    assert evaluation.metrics["fit_params"] == list(evaluation.fit.params)
+    flipped = metrics.assess(PRED, 100 - MOS, higher_is_better=False, train_higher_is_better=True)
+    np.testing.assert_array_equal(flipped.target, MOS - 100)

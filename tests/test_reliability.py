@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_db
+from conftest import kill_after_first, make_tiny_db
 
 import checkpoints
 import common
@@ -70,24 +70,6 @@ def _tensors_equal(a, b, where: str = "") -> None:
 # ----------------------------------------------------------------------------------------------
 # 1. Kill and resume gives the bit-identical run.
 
-def _kill_after_first_checkpoint(cmd: list[str], ckpt: Path, timeout: float = 120) -> None:
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ckpt.exists():
-            if proc.poll() is not None:
-                raise AssertionError(f"the run ended before its first checkpoint: {proc.stderr.read()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError("no checkpoint appeared in time")
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)  # mid-epoch 3: the next checkpoint (epoch 4) is two epochs away
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
-
-
 def test_kill_and_resume_is_bit_identical(rdb, tmp_path, capsys):
     base = ["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), "--fold", "0", "--epochs", "4",
             *FAST, "--erp-size", "64x32"]
@@ -98,7 +80,7 @@ def test_kill_and_resume_is_bit_identical(rdb, tmp_path, capsys):
     ckpt_path = resumed / "fold0" / "checkpoint.pt"
     state_path = resumed / "fold0" / "resume.pt"
     # --save-every 2: the first resumable state is epoch 2's; the process is killed while it trains epoch 3.
-    _kill_after_first_checkpoint([sys.executable, "teacher_train.py", *base, "--save-every", "2", "--out",
+    kill_after_first([sys.executable, "teacher_train.py", *base, "--save-every", "2", "--out",
                                   str(resumed)], state_path)
     state = torch.load(state_path, weights_only=True)
     assert state["epoch"] == 2 and {"optimizer", "grad_scaler", "modules"} <= set(state)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from viewport.layout import FACE_CENTERS_DEG, FACE_NAMES
+
 __all__ = [
     "FACE_CENTERS_DEG",
     "FACE_NAMES",
@@ -33,13 +35,6 @@ __all__ = [
     "native_face_size",
     "native_size",
 ]
-
-FACE_NAMES: tuple[str, ...] = ("F", "R", "BA", "L", "T", "BO")
-"""Cube-face names in output order."""
-
-FACE_CENTERS_DEG: tuple[tuple[float, float], ...] = (
-    (0.0, 0.0), (90.0, 0.0), (180.0, 0.0), (-90.0, 0.0), (0.0, 90.0), (0.0, -90.0))
-"""(longitude, latitude) in degrees of each cube face's centre, in `FACE_NAMES` order."""
 
 Size = int | Sequence[int]
 Fov = float | Sequence[float]
