@@ -55,12 +55,14 @@ def _grad_worker(rank: int, world: int, port: int, out: str, sizes: list[int]) -
 
     DIST.__init__()
     DIST.init("cpu", "batch")
+    from settings import RuntimeSettings, TrainingSettings
+    from training import _wrap
+
     method = _student()
     method.eval()  # BatchNorm on running statistics: the ranks' shares then give the batch's exact gradient
-    ddp = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True)
-    from distributed import sum_gradients
-
-    ddp.register_comm_hook(None, sum_gradients)
+    settings = TrainingSettings("mask_train", "ours", None, RuntimeSettings(), None, None, None, None)
+    ddp = _wrap(method, settings, torch.device("cpu"))  # what the training runs call
+    assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
     grads = []
     for n in sizes:
         pixels, target, feats = _batch(n)
