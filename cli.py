@@ -213,7 +213,8 @@ def model_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="random initialisation (no ImageNet download)")
     g.add_argument("--weights", default=None, metavar="PATH",
-                   help="ImageNet weights file for offline machines (torchvision's resnet18-f37072fd.pth)")
+                   help="ImageNet weights file for offline machines, torchvision's resnet18-f37072fd.pth (default: "
+                        "torchvision's download, unless --no-pretrained)")
     g.add_argument("--normalize", choices=("imagenet", "none"), default=None,
                    help=f"input normalisation; none = the paper's ToTensor() input {by_protocol('normalize')}")
     g.add_argument("--head-init", choices=("mean", "default"), default=None,
@@ -456,7 +457,7 @@ def features_parser(description: str | None = None, *, cross: bool = False) -> P
         g.add_argument("--fold", type=int, default=None, help="only this fold (default: every finished fold of the run)")
         g.add_argument("--from-authors", default=None, metavar="DIR",
                        help="import the authors' released features (DIR/<1..5>/<id>.npy) instead of running a "
-                            "teacher; needs the database's folds/authors.json")
+                            "teacher; needs the database's folds/authors.json (default: compute them from --run)")
     return parser
 
 

@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None,
                         help="the database's name in database.json and in run folders [the --out folder's name]")
     parser.add_argument("--sources", type=Path, default=None,
-                        help="folder of your own ERP panoramas to use instead of procedural scenes")
+                        help="folder of your own ERP panoramas to use instead of procedural scenes [procedural]")
     parser.add_argument("--workers", type=positive, default=min(4, os.cpu_count() or 1),
                         help="parallel processes (one content each) [min(4, CPUs)]")
     parser.add_argument("--overwrite", action="store_true",

@@ -35,7 +35,7 @@ def build_parser() -> Parser:
     parser = Parser(description=__doc__)
     parser.add_argument("model", type=Path, help="a checkpoint.pt, a fold folder or a run folder (every fold)")
     parser.add_argument("inputs", nargs="+", type=Path, help="ERP image files or folders (searched recursively)")
-    parser.add_argument("--csv", type=Path, default=None, help="also write the scores to this CSV")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the scores to this CSV (default: print them only)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     parser.add_argument("--batch-size", type=positive, default=16, help="images per forward pass")
     parser.add_argument("--threads", type=positive, default=default_threads(), help="decoding threads")

@@ -99,8 +99,8 @@ def _feature_amp(runtime: RuntimeSettings, record: dict, device: torch.device) -
     return runtime.amp if runtime.amp is not None else protocol["amp"]
 
 
-def _teacher_features(run_dir: Path, fold: int, store: ImageStore, batch_size: int, amp: str, device: torch.device,
-                      progress: bool, resume_hint: str) -> tuple[torch.Tensor, Path]:
+def _teacher_checkpoint(run_dir: Path, fold: int, resume_hint: str) -> tuple[dict, Path]:
+    """A finished teacher fold's checkpoint (checked before any image is decoded)."""
     path = fold_checkpoint(run_dir, fold)
     if not path.is_file():
         if (path.parent / RESUME).is_file():
@@ -109,6 +109,12 @@ def _teacher_features(run_dir: Path, fold: int, store: ImageStore, batch_size: i
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "teacher":
         raise UserError(f"{path}: a {ckpt.get('kind')} checkpoint, not a teacher")
+    return ckpt, path
+
+
+def _teacher_features(checkpoint: tuple[dict, Path], store: ImageStore, batch_size: int, amp: str,
+                      device: torch.device, progress: bool, fold: int) -> tuple[torch.Tensor, Path]:
+    ckpt, path = checkpoint
     model = model_from_checkpoint(ckpt, path).to(device)
     _, feats = engine.infer(model, store, store.images, batch_size, engine.autocast_for(amp, device),
                             progress=progress, desc=f"teacher features (fold {fold})")
@@ -138,13 +144,14 @@ def save_teacher_features(database: str, data_root: str | None, run_dir: str | N
     out_dir = Path(features_dir) if features_dir else default_features_dir(key)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: is a file, expected a folder for the feature cache")
+    checkpoints = {k: _teacher_checkpoint(run, k, f"python teacher_train.py --resume --out {run}") for k in fold_ids}
     device = resolve_device(runtime.device)
     store = _teacher_store(db, record, data, device, runtime.progress)
     rebuild = feat_save_command(database, run, features_dir)
     written = []
     for k in fold_ids:
-        feats, ckpt = _teacher_features(run, k, store, batch_size, _feature_amp(runtime, record, device), device,
-                                        runtime.progress, f"python teacher_train.py --resume --out {run}")
+        feats, ckpt = _teacher_features(checkpoints[k], store, batch_size, _feature_amp(runtime, record, device), device,
+                                        runtime.progress, k)
         out = fold_feature_path(out_dir, k)
         save_features(out, db=db, names=store.images, feats=feats, fold=k, test_images=folds.folds[k].test,
                       folds_sha256=folds.digest(), face_size=store.data.face_size, rebuild=rebuild,
@@ -200,10 +207,11 @@ def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir:
     out_dir = Path(features_dir) if features_dir else default_features_dir(pair.key)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: is a file, expected a folder for the feature cache")
+    checkpoint = _teacher_checkpoint(run, 0, f"python {CROSS_TEACHER}.py --resume --out {run}")
     device = resolve_device(runtime.device)
     store = _teacher_store(pair.train, record, data, device, runtime.progress)
-    feats, ckpt = _teacher_features(run, 0, store, batch_size, _feature_amp(runtime, record, device), device, runtime.progress,
-                                    f"python {CROSS_TEACHER}.py --resume --out {run}")
+    feats, ckpt = _teacher_features(checkpoint, store, batch_size, _feature_amp(runtime, record, device), device,
+                                    runtime.progress, 0)
     out = out_dir / CROSS_FILE
     save_features(out, db=pair.train, names=pair.train.images, feats=feats, fold=None, test_images=pair.test.images,
                   folds_sha256=pair.folds().digest(), face_size=store.data.face_size,
