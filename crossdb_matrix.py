@@ -13,7 +13,6 @@ import pandas as pd
 
 import cli
 import stages
-from checkpoints import CHECKPOINT, load_checkpoint
 from common import UserError, atomic_write_csv
 from dataset_cross import CrossPair, load_pair
 from runs import SELECTION_NOTES
@@ -25,27 +24,12 @@ NOT_PASSED = frozenset({"matrix", "out", "resume", "database", "database_train",
                         "folds_file", "fold"})
 
 
-def training_state(run_dir: Path, epochs: int) -> str:
-    """'done' (the final checkpoint of these epochs and results.csv), 'partial' (resumable) or 'new'."""
-    ckpt_path = run_dir / "fold0" / CHECKPOINT
-    if ckpt_path.is_file() and (run_dir / "results.csv").is_file() and load_checkpoint(ckpt_path)["epochs"] == epochs:
-        return "done"
-    return "partial" if (run_dir / "args.json").is_file() else "new"
-
-
 def _train_stage(name: str, script: str, pair: CrossPair, run_dir: Path, passed: dict[str, Any],
                  extra: dict[str, Any]) -> None:
-    parser = cli.teacher_parser(cross=True) if script == stages.CROSS_TEACHER else cli.student_parser(cross=True)
-    state = training_state(run_dir, int(passed.get("epochs", 50)))
-    if state == "done":
-        print(f"[{pair.key}] {name}: done, skipped ({run_dir})", flush=True)
-        return
-    print(f"[{pair.key}] {name}: {'resuming' if state == 'partial' else 'training'} in {run_dir}", flush=True)
-    argv = ["--database-train", pair.train_arg, "--database-test", pair.test_arg, "--out", str(run_dir),
-            *(["--resume"] if state == "partial" else []), *cli.to_argv(parser, {**passed, **extra})]
-    args, explicit = cli.parse(parser, argv)
-    settings = cli.training_settings(script, args, explicit)
-    (stages.train_teacher if script == stages.CROSS_TEACHER else stages.train_student)(settings)
+    build, cross = stages.TRAINERS[script]
+    argv = ["--database-train", pair.train_arg, "--database-test", pair.test_arg,
+            *cli.to_argv(build(cross=cross), {**passed, **extra})]
+    stages.run_training(script, argv, run_dir, f"[{pair.key}] {name}")
 
 
 def _features_stage(pair: CrossPair, teacher_dir: Path, features_dir: Path, args: Any) -> None:

@@ -4,6 +4,7 @@ cross-database matrix as well (scripts never import scripts).
     train_teacher(settings)          teacher_train.py / teacher_crossdb_train.py
     save_teacher_features(...)       feat_save.py / crossdb_feat.py (and --from-authors)
     train_student(settings)          mask_train.py / crossdb_train.py
+    run_training(script, argv, dir)  one of those trainings in a fixed folder: skipped when done, resumed
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import engine
 from checkpoints import RESUME, finished_folds, fold_checkpoint, load_checkpoint, model_from_checkpoint
 from common import UserError, sha256_file
@@ -165,10 +167,13 @@ def save_teacher_features(database: str, data_root: str | None, run_dir: str | N
     return written
 
 
-def save_authors_features(database: str, data_root: str | None, folder: str, features_dir: str | None) -> list[Path]:
-    """feat_save.py --from-authors: the authors' released features as our checked cache, on their folds."""
+def save_authors_features(database: str, data_root: str | None, folder: str, features_dir: str | None, *,
+                          folds_file: str | None = None) -> list[Path]:
+    """feat_save.py --from-authors: the authors' released features as our checked cache, on their folds
+    (`folds/authors.json` of the database unless `folds_file`). Every file is read and checked before
+    anything is written."""
     db = load_database(database, data_root, check_files=False)
-    authors = db.folds_dir() / AUTHORS_FILE
+    authors = Path(folds_file) if folds_file else db.folds_dir() / AUTHORS_FILE
     if not authors.is_file():
         raise UserError(f"{authors}: the authors' features belong to their folds; import them first with "
                         f"`python dataset.py folds --database {database} --authors DIR` (DIR: the folder of their "
@@ -177,9 +182,10 @@ def save_authors_features(database: str, data_root: str | None, folder: str, fea
     out_dir = Path(features_dir) if features_dir else default_features_dir(database_key(db))
     rebuild = f"python feat_save.py --database {database} --from-authors {folder}" + (
         f" --features-dir {features_dir}" if features_dir else "")
+    sources = authors_fold_dirs(Path(folder), db, len(folds))
+    read = [read_authors_fold(source, db) for source in sources]
     written = []
-    for k, source in enumerate(authors_fold_dirs(Path(folder), db, len(folds))):
-        feats, digest = read_authors_fold(source, db)
+    for k, (source, (feats, digest)) in enumerate(zip(sources, read)):
         out = fold_feature_path(out_dir, k)
         save_features(out, db=db, names=db.images, feats=feats, fold=k, test_images=folds.folds[k].test,
                       folds_sha256=folds.digest(), face_size=None, rebuild=rebuild,
@@ -302,3 +308,35 @@ def _train_cross_student(settings: TrainingSettings) -> Run:
     train_folds(run, lambda fold, split: student_method(settings.model, distill),
                 features_for_fold=(lambda fold: features) if features is not None else None)
     return run
+
+
+# ----------------------------------------------------------------------------------------------
+# A training in a fixed folder, resumable (reproduce.py, the cross-database matrix).
+
+TRAINERS = {"teacher_train": (cli.teacher_parser, False), "teacher_crossdb_train": (cli.teacher_parser, True),
+            "mask_train": (cli.student_parser, False), "crossdb_train": (cli.student_parser, True)}
+
+
+def training_state(run_dir: Path) -> str:
+    """'done' (results.csv: every fold finished), 'partial' (a run to resume) or 'new'."""
+    if (run_dir / "results.csv").is_file():
+        return "done"
+    return "partial" if (run_dir / "args.json").is_file() else "new"
+
+
+def run_training(script: str, argv: list[str], run_dir: Path, label: str) -> str:
+    """Train `script` with `argv` in `run_dir` unless it is done there (with the same flags: a run of other
+    settings is refused, as --resume refuses it); resume it when it was interrupted. Returns the state found."""
+    build, cross = TRAINERS[script]
+    parser = build(cross=cross)
+    state = training_state(run_dir)
+    args, explicit = cli.parse(parser, [*argv, "--out", str(run_dir), *(["--resume"] if state != "new" else [])])
+    settings = cli.training_settings(script, args, explicit)  # with --resume: checked against the run's args.json
+    if state == "done":
+        if DIST.is_main:
+            print(f"{label}: done, skipped ({run_dir})", flush=True)
+        return state
+    if DIST.is_main:
+        print(f"{label}: {'resuming' if state == 'partial' else 'training'} in {run_dir}", flush=True)
+    (train_teacher if "teacher" in script else train_student)(settings)
+    return state

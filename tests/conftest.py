@@ -53,3 +53,36 @@ def kill_after_first(cmd: list[str], ckpt: Path, timeout: float = 120) -> None:
             proc.kill()
         proc.wait()
         proc.stderr.close()
+
+
+def _panorama(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    noise = (rng.random((size[1] // 4, size[0] // 4, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(noise).resize(size, Image.Resampling.BICUBIC)
+
+
+def make_release_layouts(data_root: Path, contents: int = 2, per_content: int = 3, size: tuple[int, int] = (32, 16),
+                         seed: int = 0) -> dict[str, Path]:
+    """Small CVIQ, OIQA and IQA-ODI databases laid out as their releases (file names, folders, score
+    conventions; IQA-ODI a DMOS), each with a meta.csv as `dataset.py prepare` writes it."""
+    rng = np.random.default_rng(seed)
+    roots = {}
+    layouts = {
+        "CVIQ": lambda c, k: (f"{c * 34 + k + 1:03d}.png", "higher"),
+        "OIQA": lambda c, k: (f"distorted_images/img{c * 20 + k + 1}.jpg", "higher"),
+        "IQA-ODI": lambda c, k: (f"all_ref_test_img/QF{[5, 15, 35, 60][k % 4]}_ERP_human_P{c}.jpg", "lower"),
+    }
+    for name, layout in layouts.items():
+        root = data_root / name
+        rows = ["image,mos,ref,distortion,level"]
+        for c in range(contents):
+            base = _panorama(rng, size)
+            for k in range(per_content):
+                image, direction = layout(c, k)
+                (root / image).parent.mkdir(parents=True, exist_ok=True)
+                base.filter(ImageFilter.GaussianBlur(k)).save(root / image)
+                quality = 80 - 15 * k + rng.normal()
+                score = quality if direction == "higher" else 100 - quality
+                rows.append(f"{image},{score:.3f},{name.lower()}_c{c},blur,{k + 1}")
+        (root / "meta.csv").write_text("\n".join(rows) + "\n")
+        roots[name] = root
+    return roots

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from conftest import make_tiny_db
 from torch import nn
 
 import cli
@@ -19,7 +19,6 @@ import engine
 import mask_train
 import teacher_crossdb_train
 import teacher_train
-from conftest import make_tiny_db
 from databases import load_database
 from folds import make_folds, write_folds
 from methods import student_method, teacher_method

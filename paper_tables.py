@@ -1,0 +1,117 @@
+"""The paper's tables from a reproduction's runs: Table 1 (within each database: teacher, the no-KD
+baseline, mask KD; SRCC and PLCC mean ± std over folds and seeds), the paired effect of mask KD over
+the baseline with a 95% bootstrap interval, and the cross-database table; as Markdown and LaTeX.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# The authors' teacher: the 5-fold means of the SRCC / PLCC written in the names of their teacher
+# checkpoints (feat_save.py and crossdb_feat.py of github.com/Aca4peop/KD-OIQA, which list them).
+# Best epoch on each test fold, as their code selected it. Cross-database: |SRCC| (IQA-ODI is a DMOS).
+PAPER_TEACHER = {"CVIQ": (0.942, 0.956), "OIQA": (0.935, 0.942), "IQA-ODI": (0.908, 0.884)}
+PAPER_CROSS_TEACHER = {("CVIQ", "OIQA"): (0.543, 0.578), ("CVIQ", "IQA-ODI"): (0.592, 0.624),
+                       ("OIQA", "CVIQ"): (0.877, 0.906), ("OIQA", "IQA-ODI"): (0.665, 0.657),
+                       ("IQA-ODI", "CVIQ"): (0.797, 0.834), ("IQA-ODI", "OIQA"): (0.504, 0.564)}
+MODELS = (("teacher", "teacher (cube faces)"), ("none", "baseline (ERP, no KD)"), ("mask", "KD-OIQA (ERP, mask KD)"))
+
+
+def fold_rows(run_dir: Path) -> pd.DataFrame:
+    """The per-fold rows of a finished run's results.csv."""
+    table = pd.read_csv(run_dir / "results.csv", dtype={"fold": str})
+    return table[~table["fold"].isin(["mean", "std", "median"])].assign(fold=lambda t: t["fold"].astype(int))
+
+
+def bootstrap_interval(values: np.ndarray, *, draws: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean (resampling the values with replacement)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return (float("nan"), float("nan"))
+    means = np.random.default_rng(seed).choice(values, size=(draws, values.size), replace=True).mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@dataclass
+class Cell:
+    values: np.ndarray
+
+    def text(self, tex: bool = False) -> str:
+        if not self.values.size:
+            return "–"
+        pm = r" $\pm$ " if tex else " ± "
+        std = f"{self.values.std(ddof=1):.3f}" if self.values.size > 1 else "n/a"
+        return f"{self.values.mean():.3f}{pm}{std}"
+
+
+def _tabular(header: list[str], rows: list[list[str]], tex: bool) -> str:
+    if tex:
+        lines = [r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\hline",
+                 " & ".join(header) + r" \\", r"\hline"]
+        lines += [" & ".join(row) + r" \\" for row in rows]
+        return "\n".join(lines + [r"\hline", r"\end{tabular}"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def within_tables(runs: dict[tuple[str, str, int], Path], databases: list[str], protocol: str,
+                  tex: bool = False) -> tuple[str, str, list[dict]]:
+    """Table 1 and the paired-effect table of one protocol. `runs` maps (database, model, seed) to run
+    folders; model is teacher, none or mask. Returns (table 1, effect table, effect records)."""
+    header = ["model"] + [f"{db} {m}" for db in databases for m in ("SRCC", "PLCC")]
+    rows = []
+    for model, label in MODELS:
+        row = [label]
+        for db in databases:
+            found = [fold_rows(path) for (d, m, _), path in runs.items() if d == db and m == model]
+            for metric in ("srcc", "plcc"):
+                row.append(Cell(np.concatenate([f[metric].to_numpy() for f in found]) if found else np.zeros(0)).text(tex))
+        rows.append(row)
+    paper = ["teacher, the authors' (checkpoint names)"]
+    for db in databases:
+        paper += [f"{v:.3f}" for v in PAPER_TEACHER[db]] if db in PAPER_TEACHER else ["–", "–"]
+    rows.append(paper)
+    effect_rows, records = [], []
+    for db in databases:
+        diffs = {"srcc": [], "plcc": []}
+        seeds = sorted({s for (d, m, s) in runs if d == db})
+        for seed in seeds:
+            mask, none = runs.get((db, "mask", seed)), runs.get((db, "none", seed))
+            if mask is None or none is None:
+                continue
+            a, b = fold_rows(mask).set_index("fold"), fold_rows(none).set_index("fold")
+            for metric in diffs:
+                diffs[metric] += (a[metric] - b[metric]).dropna().tolist()
+        record = {"protocol": protocol, "database": db, "pairs": len(diffs["srcc"])}
+        cells = [db, str(len(diffs["srcc"]))]
+        for metric in ("srcc", "plcc"):
+            values = np.asarray(diffs[metric])
+            low, high = bootstrap_interval(values)
+            mean = float(values.mean()) if values.size else float("nan")
+            record.update({f"d_{metric}": mean, f"d_{metric}_low": low, f"d_{metric}_high": high})
+            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if values.size else "–")
+        effect_rows.append(cells)
+        records.append(record)
+    effect = _tabular(["database", "paired folds", "Δ SRCC [95% CI]", "Δ PLCC [95% CI]"], effect_rows, tex)
+    return _tabular(header, rows, tex), effect, records
+
+
+def cross_table(runs: dict[tuple[str, str, str, int], Path], tex: bool = False) -> str:
+    """Rows: trained on A, tested on B; columns: each model's SRCC / PLCC (mean ± std over seeds), and the
+    authors' teacher. `runs` maps (A, B, model, seed) to run folders."""
+    pairs = sorted({(a, b) for a, b, _, _ in runs})
+    header = ["train → test"] + [f"{label.split(' (')[0]} {m}" for _, label in MODELS for m in ("SRCC", "PLCC")]
+    header += ["authors' teacher SRCC", "PLCC"]
+    rows = []
+    for a, b in pairs:
+        row = [f"{a} → {b}"]
+        for model, _ in MODELS:
+            found = [fold_rows(p) for (x, y, m, _), p in runs.items() if (x, y, m) == (a, b, model)]
+            for metric in ("srcc", "plcc"):
+                row.append(Cell(np.concatenate([f[metric].to_numpy() for f in found]) if found else np.zeros(0)).text(tex))
+        row += [f"{v:.3f}" for v in PAPER_CROSS_TEACHER[(a, b)]] if (a, b) in PAPER_CROSS_TEACHER else ["–", "–"]
+        rows.append(row)
+    return _tabular(header, rows, tex)
