@@ -111,8 +111,8 @@ def write_authors_release(releases: Path, tmp_path: Path) -> Path:
     folds_dir.mkdir(parents=True)
     contents = sorted(set(refs))
     for k, test_ref in enumerate(contents, start=1):
-        for kind, keep in (("train", lambda r: r != test_ref), ("test", lambda r: r == test_ref)):
-            lines = [f"/home1/mpc/Dataset/OIQA/{i}.png,50" for i, r in zip(ids, refs) if keep(r)]
+        for kind, tested in (("train", False), ("test", True)):
+            lines = [f"/home1/mpc/Dataset/OIQA/{i}.png,50" for i, r in zip(ids, refs) if (r == test_ref) == tested]
             (folds_dir / f"OIQA_{kind}c_{k}.csv").write_text("\n".join(lines) + "\n")
         (features / str(k)).mkdir(parents=True)
         for j, i in enumerate(ids):  # as their feat_save.py wrote them: torch.save of a [1, 512] tensor
