@@ -6,7 +6,7 @@ STAMP := $(VENV)/.kdoiqa-installed
 DEMO ?= demo
 PYTEST_ARGS ?= -q
 
-.PHONY: venv test demo lint clean-demo
+.PHONY: venv test demo reproduce lint clean-demo
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ lint: $(STAMP)
 # The whole pipeline on CPU in small settings (see README). Outputs go to $(DEMO)/.
 demo: $(STAMP)
 	$(PY) demo.py --out $(DEMO)
+
+# The paper's experiments on the databases under ./data (or DATA=...), both protocols; REPRODUCE_ARGS adds flags.
+DATA ?= data
+REPRODUCE_ARGS ?=
+reproduce: $(STAMP)
+	$(PY) reproduce.py --data-root $(DATA) $(REPRODUCE_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO)

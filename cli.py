@@ -355,7 +355,8 @@ def resume_args(args: argparse.Namespace, explicit: frozenset[str], script: str)
     mismatches = []
     for name in sorted(explicit - RESUME_FREE):
         if name in saved and jsonable(getattr(args, name)) != saved[name]:
-            mismatches.append(f"--{name.replace('_', '-')} was {_show(saved[name])}, now {_show(getattr(args, name))}")
+            flag = NEGATED_FLAGS.get(name, f"--{name.replace('_', '-')}")
+            mismatches.append(f"{flag} was {_show(saved[name])}, now {_show(getattr(args, name))}")
     if mismatches:
         raise UserError(f"{path}: this run was started with other settings: {'; '.join(mismatches)}; resume with "
                         f"`--resume --out {run_dir}` alone, or start a new --out")
@@ -365,6 +366,11 @@ def resume_args(args: argparse.Namespace, explicit: frozenset[str], script: str)
     if isinstance(merged.get("erp_size"), list):
         merged["erp_size"] = tuple(merged["erp_size"])
     return argparse.Namespace(**merged)
+
+
+# Flags stored as the setting they switch off (dest "pretrained" for --no-pretrained).
+NEGATED_FLAGS = {"pretrained": "--no-pretrained (pretrained)", "progress": "--no-progress (progress)",
+                 "cross": "--no-cross (cross)"}
 
 
 def _show(value: Any) -> str:

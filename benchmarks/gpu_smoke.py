@@ -36,13 +36,13 @@ import teacher_train
 from viewport import extract
 
 
-def step(results: list[dict], name: str, fn) -> None:
-    """Run one step, capturing its output; record ok/failed, seconds and the last lines on failure."""
+def step(results: list[dict], name: str, fn, argv: list[str]) -> None:
+    """Run `fn(argv)`, capturing its output; record ok/failed, seconds and the last lines on failure."""
     out = io.StringIO()
     start = time.perf_counter()
     try:
         with redirect_stdout(out), redirect_stderr(out):
-            code = fn()
+            code = fn(argv)
         ok = code in (None, 0)
     except SystemExit as stop:
         ok = stop.code in (None, 0)
@@ -76,48 +76,49 @@ def main() -> None:
     a, b = args.work / "A", args.work / "B"
     results: list[dict] = []
     for db, seed in ((a, 0), (b, 1)):
-        step(results, f"make_synthetic_db {db.name}", lambda db=db, seed=seed: make_synthetic_db.main(
-            ["--out", str(db), "--contents", "5", "--size", "256x128", "--seed", str(seed), "--workers", "4"]))
+        step(results, f"make_synthetic_db {db.name}", make_synthetic_db.main,
+             ["--out", str(db), "--contents", "5", "--size", "256x128", "--seed", str(seed), "--workers", "4"])
     dev = ["--device", args.device]
     small = ["--no-pretrained", "--face-size", "32", "--erp-size", "64x32", "--no-progress", "--workers", "2", *dev]
+    pair = ["--database-train", str(a), "--database-test", str(b)]
+    kd = ["--kd-warmup", "0", "--kd-feature-epochs", "1"]
     for amp in args.precisions.split(","):
-        w = args.work / amp
-        prec = ["--amp", amp]
-        step(results, f"[{amp}] viewport.extract", lambda: extract.main(["--database", str(a), "--face-size", "32",
-                                                                          *dev, "--no-progress", "--force"]))
-        step(results, f"[{amp}] img_resize", lambda: img_resize.main(["--database", str(a), "--erp-size", "64x32",
-                                                                      "--no-progress", "--force"]))
-        step(results, f"[{amp}] teacher_train", lambda w=w: teacher_train.main(
-            ["--database", str(a), "--epochs", "2", "--out", str(w / "teacher"), *small, *prec]))
-        step(results, f"[{amp}] feat_save", lambda w=w: feat_save.main(
-            ["--database", str(a), "--run", str(w / "teacher"), "--features-dir", str(w / "features"), *dev,
-             "--no-progress", *prec]))
-        for kd in ("mask", "none"):
-            step(results, f"[{amp}] mask_train --kd {kd}", lambda w=w, kd=kd: mask_train.main(
-                ["--database", str(a), "--kd", kd, "--features-dir", str(w / "features"), "--epochs", "2",
-                 "--kd-warmup", "0", "--kd-feature-epochs", "1", "--out", str(w / f"student_{kd}"), *small, *prec]))
-        pair = ["--database-train", str(a), "--database-test", str(b)]
-        step(results, f"[{amp}] teacher_crossdb_train", lambda w=w: teacher_crossdb_train.main(
-            [*pair, "--epochs", "1", "--out", str(w / "xteacher"), *small, *prec]))
-        step(results, f"[{amp}] crossdb_feat", lambda w=w: crossdb_feat.main(
-            [*pair, "--run", str(w / "xteacher"), "--features-dir", str(w / "xfeatures"), *dev, "--no-progress", *prec]))
-        step(results, f"[{amp}] crossdb_train", lambda w=w: crossdb_train.main(
-            [*pair, "--features-dir", str(w / "xfeatures"), "--epochs", "2", "--kd-warmup", "0", "--kd-feature-epochs",
-             "1", "--out", str(w / "xstudent"), *small, *prec]))
-        step(results, f"[{amp}] predict (run folder, every fold)", lambda w=w: predict.main(
-            [str(w / "student_mask"), str(b / "images"), "--csv", str(w / "scores.csv"), *dev, "--no-progress", *prec]))
-        step(results, f"[{amp}] predict (teacher)", lambda w=w: predict.main(
-            [str(w / "teacher" / "fold0"), str(b / "images"), *dev, "--no-progress", *prec]))
-        step(results, f"[{amp}] reproduce (ours, one database)", lambda w=w: reproduce.main(
-            ["--databases", str(a), "--protocols", "ours", "--no-cross", "--out", str(w / "reproduction"),
-             "--epochs", "1", "--kd-warmup", "0", "--kd-feature-epochs", "0", *small, *prec]))
-        step(results, f"[{amp}] torchrun --parallel folds, 2 processes on one device", lambda w=w: launch(
-            ["--nproc_per_node=2", "teacher_train.py", "--database", str(a), "--epochs", "1", "--parallel", "folds",
-             "--out", str(w / "folds_parallel"), *small, *prec]))
-        step(results, f"[{amp}] torchrun --parallel batch, 2 processes", lambda w=w: launch(
-            ["--nproc_per_node=2", "mask_train.py", "--database", str(a), "--kd", "mask", "--features-dir",
-             str(w / "features"), "--fold", "0", "--epochs", "2", "--kd-warmup", "0", "--kd-feature-epochs", "1",
-             "--parallel", "batch", "--out", str(w / "batch_parallel"), *small, *prec]))
+        w, prec = args.work / amp, ["--amp", amp]
+        steps = [
+            ("viewport.extract", extract.main, ["--database", str(a), "--face-size", "32", *dev, "--no-progress", "--force"]),
+            ("img_resize", img_resize.main, ["--database", str(a), "--erp-size", "64x32", "--no-progress", "--force"]),
+            ("teacher_train", teacher_train.main, ["--database", str(a), "--epochs", "2", "--out", str(w / "teacher"),
+                                                   *small, *prec]),
+            ("feat_save", feat_save.main, ["--database", str(a), "--run", str(w / "teacher"), "--features-dir",
+                                           str(w / "features"), *dev, "--no-progress", *prec]),
+            ("mask_train --kd mask", mask_train.main, ["--database", str(a), "--features-dir", str(w / "features"),
+                                                       "--epochs", "2", *kd, "--out", str(w / "student_mask"), *small, *prec]),
+            ("mask_train --kd none", mask_train.main, ["--database", str(a), "--kd", "none", "--epochs", "2",
+                                                       "--out", str(w / "student_none"), *small, *prec]),
+            ("teacher_crossdb_train", teacher_crossdb_train.main, [*pair, "--epochs", "1", "--out", str(w / "xteacher"),
+                                                                   *small, *prec]),
+            ("crossdb_feat", crossdb_feat.main, [*pair, "--run", str(w / "xteacher"), "--features-dir",
+                                                 str(w / "xfeatures"), *dev, "--no-progress", *prec]),
+            ("crossdb_train", crossdb_train.main, [*pair, "--features-dir", str(w / "xfeatures"), "--epochs", "2", *kd,
+                                                   "--out", str(w / "xstudent"), *small, *prec]),
+            ("predict (run folder, every fold)", predict.main, [str(w / "student_mask"), str(b / "images"), "--csv",
+                                                                str(w / "scores.csv"), *dev, "--no-progress", *prec]),
+            ("predict (teacher)", predict.main, [str(w / "teacher" / "fold0"), str(b / "images"), *dev, "--no-progress",
+                                                 *prec]),
+            ("reproduce (ours, one database)", reproduce.main, ["--databases", str(a), "--protocols", "ours", "--no-cross",
+                                                                "--out", str(w / "reproduction"), "--epochs", "1",
+                                                                "--kd-warmup", "0", "--kd-feature-epochs", "0", *small,
+                                                                *prec]),
+            ("torchrun --parallel folds, 2 processes on one device", launch,
+             ["--nproc_per_node=2", "teacher_train.py", "--database", str(a), "--epochs", "1", "--parallel", "folds",
+              "--out", str(w / "folds_parallel"), *small, *prec]),
+            ("torchrun --parallel batch, 2 processes", launch,
+             ["--nproc_per_node=2", "mask_train.py", "--database", str(a), "--features-dir", str(w / "features"),
+              "--fold", "0", "--epochs", "2", *kd, "--parallel", "batch", "--out", str(w / "batch_parallel"), *small,
+              *prec]),
+        ]
+        for name, fn, argv in steps:
+            step(results, f"[{amp}] {name}", fn, argv)
     failed = [r["step"] for r in results if not r["ok"]]
     report("smoke", {"machine": machine(torch.device(args.device)), "steps": results},
            f"{len(results) - len(failed)} of {len(results)} steps ok" + (f"; FAILED: {', '.join(failed)}" if failed else ""))

@@ -159,6 +159,13 @@ def test_resume_compares_only_what_is_given_and_reports_every_mismatch(db, tmp_p
         assert flag in err, (flag, err)
     err = error_line(capsys, mask_train.main, ["--resume", "--out", str(out), "--arch", "resnet34"])
     assert "--arch was 'resnet18'" in err
+    pretrained = tmp_path / "pretrained"  # a run started with ImageNet weights, resumed with --no-pretrained
+    shutil.copytree(out, pretrained)
+    record = json.loads((pretrained / "args.json").read_text())
+    record["args"]["pretrained"] = True
+    (pretrained / "args.json").write_text(json.dumps(record))
+    err = error_line(capsys, mask_train.main, ["--resume", "--out", str(pretrained), "--no-pretrained"])
+    assert "--no-pretrained (pretrained) was True, now False" in err
     err = error_line(capsys, teacher_train.main, ["--resume", "--out", str(out)])
     assert "a mask_train run" in err
     # Flags that do not change what is trained may differ; the rest comes from args.json.
