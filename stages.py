@@ -180,8 +180,7 @@ def save_authors_features(database: str, data_root: str | None, folder: str, fea
                         f"<DB>_trainc_k.csv / _testc_k.csv)")
     folds = load_folds(authors, db)
     out_dir = Path(features_dir) if features_dir else default_features_dir(database_key(db))
-    rebuild = f"python feat_save.py --database {database} --from-authors {folder}" + (
-        f" --features-dir {features_dir}" if features_dir else "")
+    rebuild = feat_save_command(database, features_dir=features_dir, from_authors=folder)
     sources = authors_fold_dirs(Path(folder), db, len(folds))
     read = [read_authors_fold(source, db) for source in sources]
     written = []
@@ -240,7 +239,7 @@ def train_student(settings: TrainingSettings) -> Run:
     distill, database = settings.distill, settings.run.database
     db = load_database(database, settings.run.data_root)
     features_dir = Path(distill.features_dir) if distill.features_dir else default_features_dir(database_key(db))
-    hint = _fix_features_hint(database, distill.features_dir)
+    hint = feat_save_command(database, features_dir=distill.features_dir)  # the latest teacher's features, there
     if distill.kd != "none":
         # The student uses the teacher's split: its feature of a test image comes from a teacher that never
         # trained on it. Any fold's file tells the split; an out-of-range --fold is refused by start_run.
@@ -262,11 +261,6 @@ def train_student(settings: TrainingSettings) -> Run:
                 features_for_fold=features.get if features else None)
     _next(f"python predict.py {run.run_dir} my_360_photos/")
     return run
-
-
-def _fix_features_hint(database: str, explicit: str | None) -> str:
-    """The command that writes the features this student looks for (the latest finished teacher's)."""
-    return f"python feat_save.py --database {database}" + (f" --features-dir {explicit}" if explicit else "")
 
 
 def _note_protocols(settings: TrainingSettings, teacher: dict) -> None:
@@ -298,8 +292,7 @@ def _train_cross_student(settings: TrainingSettings) -> Run:
     if distill.kd != "none":
         # Checked before the run folder exists: a refusal leaves nothing behind.
         features_dir = Path(distill.features_dir) if distill.features_dir else default_features_dir(pair.key)
-        hint = (f"python crossdb_feat.py --database-train {pair.train_arg} --database-test {pair.test_arg}"
-                + (f" --features-dir {distill.features_dir}" if distill.features_dir else ""))
+        hint = crossdb_feat_command(pair.train_arg, pair.test_arg, features_dir=distill.features_dir)
         features = load_features(features_dir / CROSS_FILE, pair.train, fold=None, test_images=pair.test.images,
                                  rebuild_hint=hint)
     run = start_run(settings, pair.train, folds=pair.folds(), test_db=pair.test, run_key=pair.key)

@@ -40,18 +40,26 @@ def images_digest(images: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(images)).encode()).hexdigest()
 
 
-def feat_save_command(database: str, run: str | Path, features_dir: str | Path | None = None) -> str:
-    """The command that (re)builds a database's per-fold features from a teacher run."""
-    words = ["python feat_save.py", "--database", shlex.quote(str(database)), "--run", shlex.quote(str(run))]
+def feat_save_command(database: str, run: str | Path | None = None, features_dir: str | Path | None = None, *,
+                      from_authors: str | Path | None = None) -> str:
+    """The command that (re)builds a database's per-fold features: from a teacher run (default: the
+    latest finished one), or from the authors' release."""
+    words = ["python feat_save.py", "--database", shlex.quote(str(database))]
+    if run is not None:
+        words += ["--run", shlex.quote(str(run))]
+    if from_authors is not None:
+        words += ["--from-authors", shlex.quote(str(from_authors))]
     if features_dir is not None:
         words += ["--features-dir", shlex.quote(str(features_dir))]
     return " ".join(words)
 
 
-def crossdb_feat_command(train: str, test: str, run: str | Path, features_dir: str | Path | None = None) -> str:
-    """The command that (re)builds a cross-database pair's features from its teacher run."""
-    words = ["python crossdb_feat.py", "--database-train", shlex.quote(train), "--database-test", shlex.quote(test),
-             "--run", shlex.quote(str(run))]
+def crossdb_feat_command(train: str, test: str, run: str | Path | None = None,
+                         features_dir: str | Path | None = None) -> str:
+    """The command that (re)builds a cross-database pair's features from its teacher run (default: the latest)."""
+    words = ["python crossdb_feat.py", "--database-train", shlex.quote(train), "--database-test", shlex.quote(test)]
+    if run is not None:
+        words += ["--run", shlex.quote(str(run))]
     if features_dir is not None:
         words += ["--features-dir", shlex.quote(str(features_dir))]
     return " ".join(words)

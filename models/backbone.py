@@ -8,7 +8,6 @@ torchvision's default random initialisation). A failed download is a ``UserError
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -17,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from common import UserError
+from common import UserError, torch_load
 
 ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
 NORMALIZE_MODES: tuple[str, ...] = ("imagenet", "none")
@@ -87,10 +86,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--weights {path}: no such file (expected a torchvision ResNet state dict, .pth)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
-        raise UserError(f"--weights {path}: not a readable torch state dict ({str(err).splitlines()[0][:120]})") from None
+    state = torch_load(path, what="torch state dict (--weights: torchvision's resnet .pth)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
