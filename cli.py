@@ -198,10 +198,11 @@ def training_runtime_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (no cuDNN autotuning); CPU runs are deterministic anyway")
-    g.add_argument("--parallel", choices=("auto", "folds", "batch"), default="auto",
-                   help="under torchrun: folds = each process trains whole folds (r, r+N, ...; pays for the k-fold "
-                        "protocol, any batch size); batch = DistributedDataParallel over each step's batch (pays for "
-                        "large databases with large batches); auto = folds when the run has several folds, else batch")
+    g.add_argument("--parallel", choices=("folds", "batch"), default="folds",
+                   help="under torchrun: folds = each process trains whole folds r, r+N, ... (pays for the k-fold "
+                        "protocol at any batch size: the paper's batch of 6 split over GPUs would leave one or two "
+                        "images each); batch = DistributedDataParallel over each step's batch (pays for large "
+                        "databases trained with large batches, or a single split such as a cross-database run)")
     g.add_argument("--sync-bn", action="store_true", help="with --parallel batch: BatchNorm statistics over all processes")
     return p
 

@@ -119,11 +119,14 @@ class Run:
         """Create the run folder and write args.json, once: deferred until the data are decoded and
         every input is checked, so that a bad input leaves no half-made run behind."""
         if not self.opened:
+            # No collective here: under --parallel folds a process opens the run when it starts its first
+            # fold, and one with no fold to train never does.
             if DIST.is_main:
                 self.created = not self.run_dir.exists()
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(self.run_dir / "args.json", self.record)
-            DIST.barrier()
+            elif DIST.mode == "folds":
+                self.run_dir.mkdir(parents=True, exist_ok=True)
             INTERRUPT_HINT.append(f"python {self.script}.py --resume --out {self.run_dir}")
             self.opened = True
         return self.run_dir

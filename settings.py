@@ -34,7 +34,7 @@ class RuntimeSettings:
     compile: bool = False
     deterministic: bool = False
     progress: bool = True
-    parallel: str = "auto"                    # under torchrun: folds (whole folds per rank) or batch (DDP)
+    parallel: str = "folds"                   # under torchrun: folds (whole folds per rank) or batch (DDP)
     sync_bn: bool = False
 
 

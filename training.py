@@ -45,7 +45,7 @@ def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None
     if run_cfg.fold is not None and not 0 <= run_cfg.fold < len(folds):
         raise UserError(f"--fold {run_cfg.fold} is out of range: the fold file has folds 0..{len(folds) - 1}")
     fold_ids = [run_cfg.fold] if run_cfg.fold is not None else list(range(len(folds)))
-    mode = runtime.parallel if runtime.parallel != "auto" else ("folds" if len(fold_ids) > 1 else "batch")
+    mode = "batch" if runtime.parallel == "batch" else "folds"
     device = DIST.init(runtime.device, mode)
     if DIST.data_parallel and settings.optim.batch_size < DIST.world:
         raise UserError(f"--batch-size {settings.optim.batch_size} is smaller than the {DIST.world} processes of "
@@ -67,6 +67,11 @@ def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None
         print(f"protocol {PROTOCOL_NOTES[settings.protocol].format(metric=settings.eval.select_metric)}", flush=True)
         if settings.eval.select == "test":
             print("note: epoch selected on the test fold (the paper's protocol; optimistic)", flush=True)
+        if DIST.mode == "folds" and len(fold_ids) < DIST.world:
+            idle = (f"process {len(fold_ids)} has" if len(fold_ids) == DIST.world - 1
+                    else f"processes {len(fold_ids)} to {DIST.world - 1} have")
+            print(f"note: {len(fold_ids)} fold(s) for {DIST.world} processes under --parallel folds: {idle} none to "
+                  f"train (--parallel batch splits each step's batch across the processes instead)", flush=True)
         if DIST.mode == "folds" and settings.optim.seeding == "once":
             print("note: --seeding once under --parallel folds: each process seeds once before its first fold, "
                   "so folds after the first differ from a sequential run", flush=True)

@@ -117,6 +117,11 @@ def main() -> None:
               "--fold", "0", "--epochs", "2", *kd, "--parallel", "batch", "--out", str(w / "batch_parallel"), *small,
               *prec]),
         ]
+        if args.device.startswith("cuda"):  # SyncBatchNorm runs on GPUs only
+            steps.append(("torchrun --parallel batch --sync-bn, 2 processes", launch,
+                          ["--nproc_per_node=2", "mask_train.py", "--database", str(a), "--kd", "none", "--fold", "0",
+                           "--epochs", "1", "--parallel", "batch", "--sync-bn", "--out", str(w / "sync_bn"), *small,
+                           *prec]))
         for name, fn, argv in steps:
             step(results, f"[{amp}] {name}", fn, argv)
     failed = [r["step"] for r in results if not r["ok"]]

@@ -224,3 +224,15 @@ def test_batch_parallel_metrics_on_the_whole_test_set(runs):
     assert sorted(preds["image"]) == sorted(test)
     table = pd.read_csv(runs["batch"] / "results.csv")
     assert int(table.loc[0, "n"]) == len(test)
+
+
+def test_fold_parallel_with_fewer_folds_than_processes(tmp_path):
+    """A single split (cross-database) under --parallel folds: rank 0 trains it, rank 1 idles, nothing hangs."""
+    from conftest import make_tiny_db
+
+    a = make_tiny_db(tmp_path / "A", contents=3, levels=2, seed=61)
+    b = make_tiny_db(tmp_path / "B", contents=2, levels=2, seed=62)
+    proc = torchrun("crossdb_train.py", "--database-train", str(a), "--database-test", str(b), "--kd", "none",
+                    "--out", str(tmp_path / "run"), *FAST[:-2], "--epochs", "1")
+    assert "process 1 has none to train" in proc.stdout and proc.stdout.count("results:") == 1
+    assert (tmp_path / "run" / "results.csv").is_file() and (tmp_path / "run" / "fold0" / "checkpoint.pt").is_file()

@@ -38,62 +38,77 @@ def releases(tmp_path_factory) -> Path:
     return work
 
 
-def test_the_papers_commands_verbatim(releases):
+def paper_command(cwd: Path, monkeypatch, capsys, command: str, *small: str) -> str:
+    """Run one of the seed README's commands as typed (in this process, from `cwd`); its printed output."""
+    import importlib
+
+    words = command.split()
+    assert words[0] == "python"
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    importlib.import_module(words[1].removesuffix(".py")).main([*words[2:], *small])
+    return capsys.readouterr().out
+
+
+def test_the_papers_commands_verbatim(releases, monkeypatch, capsys):
     """The seed README's commands, as typed, with small sizes added: --database defaults to OIQA, the
     paper's underscore flags work, feat_save.py and crossdb_feat.py find their teacher run."""
     cwd = releases
-    script(cwd, "img_resize.py", "--database=OIQA", "--erp-size", "32x16")
+    paper_command(cwd, monkeypatch, capsys, "python img_resize.py --database=OIQA", "--erp-size", "32x16")
     assert len(list((cwd / "data" / "OIQA" / "erp_32x16" / "distorted_images").glob("img*.png"))) == 6
-    script(cwd, "teacher_train.py", "--database=OIQA", "--num_epochs", "1", "--batch_size", "4", *SMALL)
-    out = script(cwd, "feat_save.py").stdout
+    paper_command(cwd, monkeypatch, capsys, "python teacher_train.py --database=OIQA", "--num_epochs", "1",
+                  "--batch_size", "4", *SMALL)
+    out = paper_command(cwd, monkeypatch, capsys, "python feat_save.py")
     assert re.search(r"teacher run: runs/teacher_train/OIQA-\w+/\S+ \(the latest finished teacher_train run of OIQA\)", out)
     key = load_database("OIQA", cwd / "data").meta_sha256[:8]
     assert sorted(p.name for p in (cwd / "features" / f"OIQA-{key}").iterdir()) == ["fold0.pt", "fold1.pt"]
-    script(cwd, "mask_train.py", "--database=OIQA", "--num_epochs", "2", "--kd-warmup", "0", "--kd-feature-epochs", "1",
-           "--batch_size", "4", *SMALL)
-    script(cwd, "teacher_crossdb_train.py", "--database_train=CVIQ", "--database_test=OIQA", "--num_epochs", "1", *SMALL)
-    out = script(cwd, "crossdb_feat.py", "--database_train=CVIQ", "--database_test=OIQA").stdout
+    paper_command(cwd, monkeypatch, capsys, "python mask_train.py --database=OIQA", "--num_epochs", "2", "--kd-warmup",
+                  "0", "--kd-feature-epochs", "1", "--batch_size", "4", *SMALL)
+    paper_command(cwd, monkeypatch, capsys, "python teacher_crossdb_train.py --database_train=CVIQ --database_test=OIQA",
+                  "--num_epochs", "1", *SMALL)
+    out = paper_command(cwd, monkeypatch, capsys, "python crossdb_feat.py --database_train=CVIQ --database_test=OIQA")
     assert "the latest finished teacher_crossdb_train run of CVIQ -> OIQA" in out
-    script(cwd, "crossdb_train.py", "--database_train=CVIQ", "--database_test=OIQA", "--num_epochs", "2",
-           "--kd-warmup", "0", "--kd-feature-epochs", "1", *SMALL)
+    paper_command(cwd, monkeypatch, capsys, "python crossdb_train.py --database_train=CVIQ --database_test=OIQA",
+                  "--num_epochs", "2", "--kd-warmup", "0", "--kd-feature-epochs", "1", *SMALL)
     runs = cwd / "runs"
     student = next((runs / "crossdb_train").glob("*/*-mask"))
     assert pd.read_csv(student / "fold0" / "predictions.csv")["image"].tolist() == load_database(
         "OIQA", cwd / "data").images  # tested on the database it was told, all of it
     assert json.loads((student / "args.json").read_text())["settings"]["optim"]["epochs"] == 2
+    # and as a process, as typed (the one-line contract and the default database included)
+    assert "OIQA" in script(cwd, "teacher_train.py", "--help").stdout
 
 
 def test_reproduce_end_to_end_and_a_second_call_redoes_nothing(releases, tmp_path):
     out = tmp_path / "reproduction"
     argv = ["reproduce.py", "--data-root", str(releases / "data"), "--out", str(out), "--epochs", "1",
-            "--kd-warmup", "0", "--kd-feature-epochs", "0", "--batch-size", "4", *SMALL]
+            "--kd-warmup", "0", "--kd-feature-epochs", "0", "--batch-size", "4", "--protocols", "paper", *SMALL]
     first = script(REPO, *argv).stdout
-    assert "reproduction in" in first and "84 stages" in first and "left" in first
+    assert "reproduction in" in first and "42 stages" in first and "left" in first
     tables = (out / "tables.md").read_text()
-    for protocol in ("paper", "ours"):
-        assert f"## Table 1 — protocol {protocol}" in tables and f"## Cross-database — protocol {protocol}" in tables
+    assert "## Table 1 — protocol paper" in tables and "## Cross-database — protocol paper" in tables
     for row in ("teacher (cube faces)", "baseline (ERP, no KD)", "KD-OIQA (ERP, mask KD)",
                 "teacher, the authors' (checkpoint names) | 0.942 | 0.956 | 0.935 | 0.942 | 0.908 | 0.884"):
         assert row in tables, row
     assert re.search(r"\| OIQA \| 2 \| [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", tables)  # the paired interval
     assert "| CVIQ → IQA-ODI |" in tables and "| IQA-ODI → OIQA |" in tables
     tex = (out / "tables.tex").read_text()
-    assert tex.count(r"\begin{tabular}") == 6 and r"$\pm$" in tex
+    assert tex.count(r"\begin{tabular}") == 3 and r"$\pm$" in tex
     effects = json.loads((out / "effects.json").read_text())
-    assert len(effects) == 6 and all(e["pairs"] == 2 for e in effects)
+    assert len(effects) == 3 and all(e["pairs"] == 2 for e in effects)
     # The paired difference, recomputed from the two students' results.csv.
-    mask = pd.read_csv(out / "ours" / "seed2023" / "OIQA" / "student_mask" / "results.csv", dtype={"fold": str})
-    none = pd.read_csv(out / "ours" / "seed2023" / "OIQA" / "student_none" / "results.csv", dtype={"fold": str})
+    mask = pd.read_csv(out / "paper" / "seed2023" / "OIQA" / "student_mask" / "results.csv", dtype={"fold": str})
+    none = pd.read_csv(out / "paper" / "seed2023" / "OIQA" / "student_none" / "results.csv", dtype={"fold": str})
     diff = (mask.set_index("fold").loc[["0", "1"], "srcc"] - none.set_index("fold").loc[["0", "1"], "srcc"]).mean()
-    ours_oiqa = next(e for e in effects if e["protocol"] == "ours" and e["database"] == "OIQA")
-    assert ours_oiqa["d_srcc"] == pytest.approx(diff) and ours_oiqa["d_srcc_low"] <= diff <= ours_oiqa["d_srcc_high"]
+    oiqa = next(e for e in effects if e["protocol"] == "paper" and e["database"] == "OIQA")
+    assert oiqa["d_srcc"] == pytest.approx(diff) and oiqa["d_srcc_low"] <= diff <= oiqa["d_srcc_high"]
     paper_teacher = json.loads((out / "paper" / "seed2023" / "CVIQ" / "teacher" / "args.json").read_text())
     assert paper_teacher["settings"]["model"]["face_batchnorm"] == "per-face"
-    assert (releases / "data" / "CVIQ" / "faces_16_jpeg75").is_dir() and (releases / "data" / "CVIQ" / "faces_16").is_dir()
+    assert (releases / "data" / "CVIQ" / "faces_16_jpeg75").is_dir()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
     second = script(REPO, *argv).stdout
-    assert second.count("done, skipped") == 84 and "training in" not in second and "resuming" not in second
+    assert second.count("done, skipped") == 42 and "training in" not in second and "resuming" not in second
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == stamps
     assert (out / "tables.md").read_text() == tables
 
@@ -120,25 +135,31 @@ def write_authors_release(releases: Path, tmp_path: Path) -> Path:
     return folds_dir
 
 
-def test_student_from_the_authors_features(releases, tmp_path):
+def test_student_from_the_authors_features(releases, tmp_path, monkeypatch, capsys):
+    import common
+    import dataset
+
     cwd = tmp_path
     (cwd / "data").symlink_to(releases / "data")
     folds_dir = write_authors_release(releases, tmp_path)
     authors = tmp_path / "features" / "OIQA"
-    proc = subprocess.run([sys.executable, str(REPO / "feat_save.py"), "--from-authors", str(authors)], cwd=cwd,
-                          env=ENV, capture_output=True, text=True, check=False)
-    assert proc.returncode == 2 and "folds/authors.json" in proc.stderr and "--authors DIR" in proc.stderr
-    script(cwd, "dataset.py", "folds", "--database", "OIQA", "--authors", str(folds_dir))
-    out = script(cwd, "feat_save.py", "--from-authors", str(authors)).stdout
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        common.run_cli(lambda: paper_command(cwd, monkeypatch, capsys, f"python feat_save.py --from-authors {authors}"))
+    err = capsys.readouterr().err
+    assert "folds/authors.json" in err and "--authors DIR" in err and err.count("\n") == 1
+    dataset.main(["folds", "--database", "OIQA", "--authors", str(folds_dir)])
+    out = paper_command(cwd, monkeypatch, capsys, f"python feat_save.py --from-authors {authors}")
     assert "the authors' fold 2" in out and "next: python mask_train.py --database OIQA" in out
     db = load_database("OIQA", cwd / "data")
     cache = cwd / "features" / f"OIQA-{db.meta_sha256[:8]}"
     record = torch.load(cache / "fold1.pt", weights_only=True)
     assert record["provenance"]["kind"] == "authors' release" and record["names"] == db.images
     np.testing.assert_array_equal(record["feats"][:, 0].numpy(), [200.0 + j for j in range(len(db))])
-    script(cwd, "mask_train.py", "--database=OIQA", "--num_epochs", "2", "--kd-warmup", "0", "--kd-feature-epochs", "1",
-           "--batch_size", "4", "--face-size", "16", "--erp-size", "32x16", "--no-pretrained", "--workers", "0",
-           "--no-progress")
+    paper_command(cwd, monkeypatch, capsys, "python mask_train.py --database=OIQA", "--num_epochs", "2", "--kd-warmup",
+                  "0", "--kd-feature-epochs", "1", "--batch_size", "4", "--face-size", "16", "--erp-size", "32x16",
+                  "--no-pretrained", "--workers", "0", "--no-progress")
     student = next((cwd / "runs" / "mask_train").glob("*/*-mask"))
     assert json.loads((student / "args.json").read_text())["folds"]["path"].endswith("authors.json")
 
