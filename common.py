@@ -32,7 +32,8 @@ def _argparse_error(self: argparse.ArgumentParser, message: str) -> None:
     raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-# What Ctrl-C prints: the command that continues the interrupted run (set once its folder exists).
+# What Ctrl-C prints: the command that continues the interrupted work (the first one set: a run's, once its
+# folder exists, or that of a command that drives several runs, such as reproduce.py).
 INTERRUPT_HINT: list[str] = []
 
 
@@ -44,13 +45,14 @@ def run_cli(main: Callable[[], Any]) -> None:
     """
     parser_error = argparse.ArgumentParser.error
     argparse.ArgumentParser.error = _argparse_error  # type: ignore[method-assign]
+    INTERRUPT_HINT.clear()
     try:
         result = main()
     except UserError as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        hint = f"; continue it with: {INTERRUPT_HINT[-1]}" if INTERRUPT_HINT else ""
+        hint = f"; continue it with: {INTERRUPT_HINT[0]}" if INTERRUPT_HINT else ""
         print(f"interrupted{hint}", file=sys.stderr)
         sys.exit(130)
     except OSError as err:  # disk full, permission denied, ... at write time

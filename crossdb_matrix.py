@@ -6,6 +6,8 @@ resuming finished work, written to <out>/matrix.csv (rows = trained on, columns 
 from __future__ import annotations
 
 import itertools
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pandas as pd
 
 import cli
 import stages
-from common import UserError, atomic_write_csv
+from common import INTERRUPT_HINT, UserError, atomic_write_csv
 from dataset_cross import CrossPair, load_pair
 from runs import SELECTION_NOTES
 from teacher_features import CROSS_FILE, load_features
@@ -68,6 +70,7 @@ def run_matrix(args: Any, explicit: frozenset[str]) -> pd.DataFrame:
     if args.resume:
         raise UserError("--matrix always resumes what is done; drop --resume")
     cli.training_settings("crossdb_train", args, explicit)  # every stage's flags checked before any work
+    INTERRUPT_HINT.insert(0, shlex.join(["python", "crossdb_train.py", *sys.argv[1:]]))
     out = Path(args.out) if args.out else MATRIX_DIR
     pairs = [load_pair(a, b, args.data_root) for a, b in itertools.permutations(names, 2)]
     labels = {}

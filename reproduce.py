@@ -16,6 +16,8 @@ A second call skips what is done; an interrupted one resumes. Training flags (si
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from pathlib import Path
 import cli
 import paper_tables
 import stages
-from common import UserError, atomic_write_json, atomic_write_text, run_cli
+from common import INTERRUPT_HINT, UserError, atomic_write_json, atomic_write_text, run_cli
 from databases import load_database, resolve_database_root
 from derived_files import extract_database, resize_database
 from distributed import DIST
@@ -259,6 +261,7 @@ def write_tables(work: Plan, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args, explicit = cli.parse(build_parser(), argv)
     work = plan(args, explicit)
+    INTERRUPT_HINT.insert(0, shlex.join(["python", "reproduce.py", *(sys.argv[1:] if argv is None else argv)]))
     out = Path(args.out)
     if DIST.enabled:
         DIST.init(args.device, "folds")
