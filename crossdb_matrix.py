@@ -18,7 +18,7 @@ import stages
 from common import INTERRUPT_HINT, UserError, atomic_write_csv
 from dataset_cross import CrossPair, load_pair
 from runs import SELECTION_NOTES
-from teacher_features import CROSS_FILE, load_features
+from teacher_features import CROSS_FILE
 
 MATRIX_DIR = Path("runs") / "crossdb_matrix"
 # Flags of the matrix invocation that do not pass on to its stages (the matrix sets them per pair).
@@ -35,15 +35,10 @@ def _train_stage(name: str, script: str, pair: CrossPair, run_dir: Path, passed:
 
 
 def _features_stage(pair: CrossPair, teacher_dir: Path, features_dir: Path, args: Any) -> None:
-    path = features_dir / CROSS_FILE
-    if path.is_file():
-        try:
-            load_features(path, pair.train, fold=None, test_images=pair.test.images, rebuild_hint="")
-            print(f"[{pair.key}] features: done, skipped ({path})", flush=True)
-            return
-        except UserError as err:
-            print(f"[{pair.key}] features: rebuilding ({err})", flush=True)
-    print(f"[{pair.key}] features: writing {path}", flush=True)
+    if stages.features_up_to_date(teacher_dir, features_dir, args.data_root, pair=(pair.train_arg, pair.test_arg)):
+        print(f"[{pair.key}] features: done, skipped ({features_dir / CROSS_FILE})", flush=True)
+        return
+    print(f"[{pair.key}] features: writing {features_dir / CROSS_FILE}", flush=True)
     stages.save_crossdb_features(pair.train_arg, pair.test_arg, args.data_root, str(teacher_dir), str(features_dir),
                                  data=cli.data_settings(args), runtime=cli.inference_runtime(args))
 

@@ -31,7 +31,6 @@ from databases import load_database, resolve_database_root
 from derived_files import extract_database, resize_database
 from distributed import DIST
 from settings import PROTOCOLS
-from teacher_features import CROSS_FILE, fold_feature_path, load_features
 
 PAPER_DATABASES = ("CVIQ", "OIQA", "IQA-ODI")
 # Flags of the training scripts that reproduce.py passes on (its own: --databases, --protocols, --seeds, --out).
@@ -117,14 +116,13 @@ def plan(args, explicit: frozenset[str]) -> Plan:
         for seed in range(args.seed, args.seed + args.seeds):
             base = out / protocol / f"seed{seed}"
             for name in databases:
-                key, tag = name, f"[{protocol} seed {seed}] {name}"
-                where = ["--database", name]
-                teacher, feats = base / key / "teacher", base / key / "features"
+                tag, where = f"[{protocol} seed {seed}] {name}", ["--database", name]
+                teacher, feats = base / name / "teacher", base / name / "features"
                 result.stages.append(training("teacher_train", where, teacher, protocol, seed, f"{tag}: teacher"))
                 result.stages.append(Stage("features", f"{tag}: features", ranks="main",
                                            run=lambda n=name, t=teacher, f=feats: _features(n, t, f, args, data)))
                 for kd in ("mask", "none"):
-                    run_dir = base / key / f"student_{kd}"
+                    run_dir = base / name / f"student_{kd}"
                     result.stages.append(training("mask_train", where, run_dir, protocol, seed, f"{tag}: student --kd {kd}",
                                                   {"kd": kd, "features_dir": str(feats)}))
                     within[(name, kd, seed)] = run_dir
@@ -160,33 +158,19 @@ def _erp(name: str, args, data) -> str:
 
 
 def _features(name: str, teacher: Path, features: Path, args, data) -> str:
-    db = load_database(name, args.data_root)
-    record = json.loads((teacher / "args.json").read_text())
-    from folds import load_folds
-
-    folds = load_folds(record["folds"]["path"], db)
-    try:
-        for k, fold in enumerate(folds.folds):
-            load_features(fold_feature_path(features, k), db, fold=k, test_images=fold.test, rebuild_hint="")
+    if stages.features_up_to_date(teacher, features, args.data_root, database=name):
         return "done"
-    except UserError:
-        stages.save_teacher_features(name, args.data_root, str(teacher), str(features), data=data,
-                                     runtime=cli.inference_runtime(args))
-        return "made"
+    stages.save_teacher_features(name, args.data_root, str(teacher), str(features), data=data,
+                                 runtime=cli.inference_runtime(args))
+    return "made"
 
 
 def _cross_features(a: str, b: str, pair_dir: Path, args, data) -> str:
-    from dataset_cross import load_pair
-
-    pair = load_pair(a, b, args.data_root)
-    try:
-        load_features(pair_dir / "features" / CROSS_FILE, pair.train, fold=None, test_images=pair.test.images,
-                      rebuild_hint="")
+    if stages.features_up_to_date(pair_dir / "teacher", pair_dir / "features", args.data_root, pair=(a, b)):
         return "done"
-    except UserError:
-        stages.save_crossdb_features(a, b, args.data_root, str(pair_dir / "teacher"), str(pair_dir / "features"),
-                                     data=data, runtime=cli.inference_runtime(args))
-        return "made"
+    stages.save_crossdb_features(a, b, args.data_root, str(pair_dir / "teacher"), str(pair_dir / "features"),
+                                 data=data, runtime=cli.inference_runtime(args))
+    return "made"
 
 
 def execute(work: Plan, out: Path) -> None:

@@ -333,3 +333,22 @@ def run_training(script: str, argv: list[str], run_dir: Path, label: str) -> str
         print(f"{label}: {'resuming' if state == 'partial' else 'training'} in {run_dir}", flush=True)
     (train_teacher if "teacher" in script else train_student)(settings)
     return state
+
+
+def features_up_to_date(teacher_dir: Path, features_dir: Path, data_root: str | None, *, database: str | None = None,
+                        pair: tuple[str, str] | None = None) -> bool:
+    """Whether `features_dir` holds valid features of the teacher run `teacher_dir` (every fold's, or the
+    pair's `all.pt`): what reproduce.py and the matrix skip."""
+    try:
+        if pair is not None:
+            cross = load_pair(pair[0], pair[1], data_root)
+            load_features(features_dir / CROSS_FILE, cross.train, fold=None, test_images=cross.test.images,
+                          rebuild_hint="")
+            return True
+        db = load_database(database, data_root)
+        folds = load_folds(read_run_record(teacher_dir, TEACHER)["folds"]["path"], db)
+        for k, fold in enumerate(folds.folds):
+            load_features(fold_feature_path(features_dir, k), db, fold=k, test_images=fold.test, rebuild_hint="")
+        return True
+    except UserError:
+        return False
