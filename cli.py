@@ -113,6 +113,17 @@ def int_at_least(minimum: int, what: str):
 
 
 positive = int_at_least(1, "a positive integer")
+
+
+def minutes_type(text: str) -> float:
+    """An argparse type: a number of minutes >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes >= 0, got {text!r}")
+    return value
 non_negative = int_at_least(0, "an integer >= 0")
 
 
@@ -270,7 +281,12 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="run folder (default runs/<script>/<database key>/<time>[-<kd>][-paper])")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its args.json and each fold's last checkpoint")
-    g.add_argument("--save-every", type=positive, default=1, help="write the resumable checkpoint every N epochs")
+    g.add_argument("--save-minutes", type=minutes_type, default=5.0,
+                   help="write the resumable state (resume.pt: model and Adam, ~150 MB for ResNet-18) when this many "
+                        "minutes have passed since the last write, and on Ctrl-C or SIGTERM after the epoch in "
+                        "progress; 0 = after every epoch (default: 5)")
+    g.add_argument("--save-every", type=non_negative, default=0,
+                   help="also write it every N epochs (default 0: by time only)")
     g.add_argument("--fold", type=int, default=None, help="train only this fold, 0-based (default: every fold)")
     g.add_argument("--folds", type=positive, default=5,
                    help="number of content-disjoint folds of the database's default split (ignored with --folds-file)")
@@ -321,7 +337,7 @@ def inference_parents(*, batch_size: int = 32) -> list[argparse.ArgumentParser]:
 
 # Flags a resumed run may change (they do not change what is trained).
 RESUME_FREE = frozenset({"device", "workers", "cache", "progress", "compile", "deterministic", "parallel", "resume",
-                         "out", "save_every", "data_root"})
+                         "out", "save_every", "save_minutes", "data_root"})
 
 
 def resolve_protocol(args: argparse.Namespace, script: str) -> argparse.Namespace:

@@ -131,11 +131,75 @@ def atomic_write_csv(path: str | os.PathLike, frame: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save through a file handle: the archive's inner name is then fixed, not the temporary's,
-    so the same object always gives the same bytes."""
+    so the same object always gives the same bytes. A Ctrl-C during the write is held back until the
+    file is in place (torch's zip writer would turn it into a RuntimeError and a torn temporary)."""
     import torch
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as tmp_handle:
-        torch.save(obj, tmp_handle)
+    with deferred_interrupts():
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as tmp_handle:
+                torch.save(obj, tmp_handle)
+        except RuntimeError:
+            if _DEFERRAL.forced:  # a second Ctrl-C stopped the write at once: an interrupt, not an error
+                raise KeyboardInterrupt from None
+            raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM held back while something must finish (a checkpoint write, a training epoch).
+
+class _Deferral:
+    depth = 0            # nested deferred_interrupts blocks
+    pending = False      # a signal arrived and is held back
+    forced = False       # a second signal arrived: raised at once
+    message = ""
+    previous: dict = {}
+
+
+_DEFERRAL = _Deferral()
+
+
+def _hold_signal(signum: int, frame: Any) -> None:
+    if _DEFERRAL.pending:
+        _DEFERRAL.forced = True
+        raise KeyboardInterrupt
+    _DEFERRAL.pending = True
+    print(f"\n{_DEFERRAL.message} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+
+def interrupt_pending() -> bool:
+    """Whether a Ctrl-C or SIGTERM is being held back by `deferred_interrupts`."""
+    return _DEFERRAL.pending
+
+
+@contextlib.contextmanager
+def deferred_interrupts(message: str = "stopping once the file being written is complete") -> Iterator[None]:
+    """Within the block, a first Ctrl-C (SIGINT) or SIGTERM only sets `interrupt_pending()` and prints
+    `message`; it is raised as KeyboardInterrupt when the outermost block ends. A second one raises at
+    once. Blocks nest (the outermost one's message is printed); outside the main thread it does nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outermost = _DEFERRAL.depth == 0
+    if outermost:
+        _DEFERRAL.pending = _DEFERRAL.forced = False
+        _DEFERRAL.message = message
+        _DEFERRAL.previous = {sig: signal.signal(sig, _hold_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _DEFERRAL.depth += 1
+    pending = False
+    try:
+        yield
+    finally:
+        _DEFERRAL.depth -= 1
+        if outermost:
+            for sig, handler in _DEFERRAL.previous.items():
+                signal.signal(sig, handler)
+            pending, _DEFERRAL.pending = _DEFERRAL.pending, False
+    if pending:  # reached only when the block completed: the held-back interrupt goes on now
+        raise KeyboardInterrupt
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

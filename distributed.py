@@ -9,13 +9,59 @@ Without torchrun there is one process (world 1) and nothing here communicates. U
   step's batch is split across the ranks and DDP averages the gradients during the backward pass.
 
 NCCL on GPUs, gloo on CPU. Rank 0 alone prints and writes the run-level files.
+A rank that waits for the others' *work* (its folds done, or rank 0 making faces and features under
+reproduce.py) waits without a time limit: it polls the rendezvous store, never a collective. Only a
+single collective (a gradient all-reduce, a gather once every rank has arrived) is bounded, by
+KDOIQA_COLLECTIVE_TIMEOUT seconds (default 1800).
 """
 from __future__ import annotations
 
+import datetime
+import math
 import os
+import time
 from typing import Any
 
 from common import UserError
+
+COLLECTIVE_TIMEOUT_ENV = "KDOIQA_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long one collective may take before the job ends (KDOIQA_COLLECTIVE_TIMEOUT seconds, default 1800)."""
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(raw)
+        if not seconds > 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds") from None
+    return datetime.timedelta(seconds=seconds)
+
+
+def rank_gpu(device_arg: str | None, local_rank: int, local_world: int, gpu_count: int) -> int:
+    """The GPU index of a process of a torchrun launch: `--device cuda` (or none) spreads the local
+    processes over the visible GPUs (LOCAL_RANK mod their number); `--device cuda:N` names one GPU,
+    which only a launch of one process per machine may do."""
+    index = None
+    if device_arg not in (None, "cuda"):
+        import torch
+
+        index = torch.device(device_arg).index
+    if index is None:
+        return local_rank % gpu_count
+    if local_world > 1:
+        raise UserError(f"--device {device_arg} under torchrun would put all {local_world} processes of this machine "
+                        f"on GPU {index}; use --device cuda (process r takes GPU r) and CUDA_VISIBLE_DEVICES to "
+                        f"choose the GPUs")
+    if index >= gpu_count:
+        raise UserError(f"--device {device_arg}: this machine has {gpu_count} GPU(s) (cuda:0..cuda:{gpu_count - 1})")
+    return index
+
+
+def processes_per_gpu(local_world: int, gpu_count: int) -> int:
+    """How many processes of this machine share one GPU (the most on any of them)."""
+    return max(1, math.ceil(local_world / max(gpu_count, 1)))
 
 
 def resolve_device(name: str | None):
@@ -40,7 +86,9 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
         self.mode = "none"  # "batch" (DDP over each step's batch), "folds" (whole folds per rank) or "none"
+        self._waits = 0     # how many waits this process has made (every rank makes them in the same order)
 
     @property
     def enabled(self) -> bool:
@@ -71,32 +119,66 @@ class Distributed:
             return device
         self.mode = mode
         if device.type == "cuda":
-            index = device.index if device_arg not in (None, "cuda") and device.index is not None else None
-            device = torch.device("cuda", index if index is not None else self.local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", rank_gpu(device_arg, self.local_rank, self.local_world,
+                                                   torch.cuda.device_count()))
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             # NCCL needs one GPU per rank; ranks sharing a GPU (fold-parallel) talk over gloo.
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
-            shared_gpu = device.type == "cuda" and local_world > torch.cuda.device_count()
-            backend = "nccl" if device.type == "cuda" and not shared_gpu else "gloo"
-            dist.init_process_group(backend)
+            backend = "nccl" if device.type == "cuda" and self.gpu_sharers(device) == 1 else "gloo"
+            dist.init_process_group(backend, timeout=collective_timeout())
         return device
 
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
+    def gpu_sharers(self, device) -> int:
+        """How many processes of this launch use `device` (1 for a CPU or without torchrun)."""
+        if device.type != "cuda" or not self.enabled:
+            return 1
+        import torch
 
-            dist.barrier()
+        return processes_per_gpu(self.local_world, torch.cuda.device_count())
+
+    def wait_for_all(self) -> None:
+        """Return once every rank has reached its matching call: a wait for the others' work, with no
+        time limit (it polls the rendezvous store, so no collective time-out applies to it)."""
+        if not self.enabled:
+            return
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        self._waits += 1
+        key = f"kdoiqa/wait/{self._waits}"
+        store.add(key, 1)
+        delay = 0.005
+        while store.add(key, 0) < self.world:
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
+
+    def barrier(self) -> None:
+        """Every rank waits for the others (without a time limit: see wait_for_all)."""
+        self.wait_for_all()
 
     def gather_objects(self, obj: Any) -> list[Any]:
-        """Every rank's `obj`, in rank order, on every rank (pickled; for small results)."""
+        """Every rank's `obj`, in rank order, on every rank (pickled; for small results). A rank that
+        gets here first waits for the others without a time limit; the gather itself is then quick."""
         if not self.enabled:
             return [obj]
         import torch.distributed as dist
 
+        self.wait_for_all()
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def any_rank(self, flags: list[bool], device) -> list[bool]:
+        """Each flag true on any rank of the data-parallel group (one small all-reduce; the flags
+        themselves on this rank otherwise): so that every rank stops at the same epoch."""
+        if not self.data_parallel:
+            return list(flags)
+        import torch
+        import torch.distributed as dist
+
+        values = torch.tensor([float(f) for f in flags], device=device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in values.tolist()]
 
     def broadcast_buffers(self, modules: list) -> None:
         """Rank 0's BatchNorm running statistics on every rank (before each evaluation)."""

@@ -21,10 +21,19 @@ from methods import Method, TargetScale
 from settings import OptimSettings
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """`--amp auto` made concrete: bf16 on a CUDA device that computes it natively (Ampere and newer),
+    otherwise none (fp32); an explicit choice is kept."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "none"
+
+
 def autocast_for(amp: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """The mixed-precision context of `--amp` (auto: bf16 on CUDA, none on CPU)."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
+    """The mixed-precision context of `--amp` (auto: see resolve_amp)."""
+    amp = resolve_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -108,7 +117,9 @@ def infer(model: nn.Module, store: ImageStore, images: Sequence[str], batch_size
         for batch in store.batches(images, batch_size):
             with autocast():
                 score, feat = model(batch["pixels"])
-            scores.append(score.float().cpu())
-            feats.append(feat.float().cpu())
+            scores.append(score.float())
+            feats.append(feat.float())  # fp32 already: the projector runs in fp32 (models/backbone.fp32)
             bar.update(len(batch["images"]))
-    return torch.cat(scores).numpy().astype(np.float64), torch.cat(feats)
+    if not scores:
+        return np.zeros(0), torch.zeros(0)
+    return torch.cat(scores).cpu().numpy().astype(np.float64), torch.cat(feats).cpu()

@@ -38,6 +38,36 @@ def available_ram() -> int:
     return 8 * 2**30
 
 
+CACHE_SHARE = 0.4  # the share of the free GPU memory (or available RAM) the pixel cache may take
+
+
+def choose_cache(request: str, nbytes: int, device_type: str, *, gpu_free: int = 0, gpu_sharers: int = 1,
+                 ram: int = 0, ram_sharers: int = 1) -> tuple[str, str]:
+    """Where `--cache request` puts `nbytes` of pixels: (gpu | cpu | none, why, when not what was asked).
+
+    `auto` takes the GPU when the cache fits in CACHE_SHARE of the free memory divided among the
+    processes sharing that GPU (they measure the same free memory at the same moment), else the
+    CPU when it fits in that share of the RAM divided among the machine's processes, else streams."""
+    if request == "gpu" and device_type != "cuda":
+        return "cpu", ""  # --cache gpu on a CPU run is the CPU cache
+    if request != "auto":
+        return request, ""
+    reason = ""
+    if device_type == "cuda":
+        budget = CACHE_SHARE * gpu_free / max(gpu_sharers, 1)
+        if nbytes < budget:
+            return "gpu", ""
+        shared = f" shared by {gpu_sharers} processes" if gpu_sharers > 1 else ""
+        reason = (f"{nbytes / 2**30:.2f} GiB exceeds {CACHE_SHARE:.0%} of the GPU's free "
+                  f"{gpu_free / 2**30:.1f} GiB{shared}")
+    ram_budget = CACHE_SHARE * ram / max(ram_sharers, 1)
+    if nbytes < ram_budget:
+        return "cpu", (f"{reason}: kept in RAM instead" if reason else "")
+    return "none", (f"{nbytes / 2**30:.2f} GiB exceeds {CACHE_SHARE:.0%} of the available RAM "
+                    f"({ram / 2**30:.1f} GiB{f' for {ram_sharers} processes' if ram_sharers > 1 else ''}): "
+                    f"streamed from disk each epoch")
+
+
 def _collate(items: list[dict]) -> dict:
     return {"index": torch.tensor([it["index"] for it in items]),
             "pixels": torch.stack([it["pixels"] for it in items])}
@@ -52,7 +82,9 @@ class ImageStore:
         self.images = list(dict.fromkeys(images))
         self.row = {name: i for i, name in enumerate(self.images)}
         self.mos = torch.from_numpy(db.scores(self.images).astype(np.float32))
+        self.mos_on_device = self.mos.to(device)
         self.features: torch.Tensor | None = None
+        self._loader = None
         self.dataset = ImageDataset(db, self.images, view, erp_size=data.erp_size, face_size=data.face_size,
                                     faces_source=data.faces, jpeg_quality=data.face_jpeg_quality)
         self.mode = self._choose_cache(data.cache, progress)
@@ -71,7 +103,8 @@ class ImageStore:
         store.images = list(db.images)
         store.row = {name: i for i, name in enumerate(store.images)}
         store.mos = torch.from_numpy(db.scores(store.images).astype(np.float32))
-        store.features, store.dataset, store.mode, store.pixels = None, None, "cpu", pixels
+        store.mos_on_device = store.mos.to(device)
+        store.features, store.dataset, store.mode, store.pixels, store._loader = None, None, "cpu", pixels, None
         return store
 
     def set_features(self, features: dict[str, torch.Tensor]) -> None:
@@ -84,18 +117,14 @@ class ImageStore:
     # -- filling the cache ---------------------------------------------------------------------
     def _choose_cache(self, request: str, progress: bool) -> str:
         nbytes = len(self.images) * int(np.prod(pixel_shape(self.view, self.data)))
-        if request == "auto":
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                request = "gpu" if nbytes < 0.4 * free else "cpu"
-            if request != "gpu":
-                request = "cpu" if nbytes < 0.4 * available_ram() else "none"
-        if request == "gpu" and self.device.type != "cuda":
-            request = "cpu"  # --cache gpu on a CPU run is the CPU cache
+        gpu_free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" and request == "auto" else 0
+        local = DIST.local_world if DIST.enabled else 1
+        mode, reason = choose_cache(request, nbytes, self.device.type, gpu_free=gpu_free,
+                                    gpu_sharers=DIST.gpu_sharers(self.device), ram=available_ram(), ram_sharers=local)
         if progress:
-            print(f"pixel cache: {request} ({len(self.images)} images, {self.view}, {nbytes / 2**30:.2f} GiB uint8)",
-                  flush=True)
-        return request
+            print(f"pixel cache: {mode} ({len(self.images)} images, {self.view}, {nbytes / 2**30:.2f} GiB uint8)"
+                  + (f"; {reason}" if reason else ""), flush=True)
+        return mode
 
     def _faces_online(self) -> bool:
         if self.data.faces != "auto":
@@ -158,20 +187,55 @@ class ImageStore:
             whole = rows[start:start + batch_size]
             mine = whole[rank::world]
             plan.append((mine if len(mine) else whole[:1], len(mine) / len(whole)))
-        if self.pixels is not None:
-            for idx, weight in plan:
-                yield self._batch(idx, self.pixels[idx.to(self.pixels.device)], weight)
+        if not plan:
             return
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=[idx.tolist() for idx, _ in plan],
-                                             num_workers=self.data.workers, collate_fn=_collate,
-                                             pin_memory=self.device.type == "cuda")
-        for (_, weight), batch in zip(plan, loader):
-            yield self._batch(batch["index"], batch["pixels"], weight)
+        # The epoch's order goes to the training device in one copy; each batch then indexes the scores,
+        # the features and (GPU cache) the pixels with a slice of it: no host-to-device copy per step.
+        on_device = self._to_device(torch.cat([idx for idx, _ in plan])).split([len(idx) for idx, _ in plan])
+        if self.pixels is not None:
+            for (idx, weight), dev_idx in zip(plan, on_device):
+                if self.pixels.device == self.device:
+                    pixels = self.pixels[dev_idx]
+                else:  # the CPU cache: gathered on the host, pinned so that the copy overlaps the GPU's work
+                    pixels = self._to_device(self.pixels[idx])
+                yield self._batch(idx, dev_idx, pixels, weight)
+            return
+        loader = self._streaming_loader([idx for idx, _ in plan])
+        for (idx, weight), dev_idx, batch in zip(plan, on_device, loader):
+            yield self._batch(idx, dev_idx, batch["pixels"].to(self.device, non_blocking=True), weight)
 
-    def _batch(self, idx: torch.Tensor, pixels: torch.Tensor, weight: float = 1.0) -> dict:
-        nb = self.device.type == "cuda"
-        batch = {"pixels": pixels.to(self.device, non_blocking=nb), "mos": self.mos[idx].to(self.device),
-                 "images": [self.images[i] for i in idx.tolist()], "rows": idx, "weight": weight}
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _streaming_loader(self, plan: list[torch.Tensor]) -> torch.utils.data.DataLoader:
+        """--cache none: one DataLoader per store, its workers kept between epochs (persistent), serving
+        the batches of the current plan."""
+        if getattr(self, "_loader", None) is None:
+            self._sampler = _PlanSampler()
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=self._sampler, num_workers=self.data.workers, collate_fn=_collate,
+                pin_memory=self.device.type == "cuda", persistent_workers=self.data.workers > 0)
+        self._sampler.plan = [idx.tolist() for idx in plan]
+        return self._loader
+
+    def _batch(self, idx: torch.Tensor, dev_idx: torch.Tensor, pixels: torch.Tensor, weight: float = 1.0) -> dict:
+        batch = {"pixels": pixels, "mos": self.mos_on_device[dev_idx], "images": [self.images[i] for i in idx.tolist()],
+                 "rows": idx, "weight": weight}
         if self.features is not None:
-            batch["teacher_feature"] = self.features[idx.to(self.features.device)]
+            batch["teacher_feature"] = self.features[dev_idx]
         return batch
+
+
+class _PlanSampler:
+    """The batch sampler of a persistent streaming DataLoader: the batches of the current epoch."""
+
+    def __init__(self) -> None:
+        self.plan: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(list(self.plan))
+
+    def __len__(self) -> int:
+        return len(self.plan)

@@ -47,6 +47,16 @@ class TargetScale:
         return target * self.scale + self.offset
 
 
+def current_loss_scale(grad_scaler: torch.amp.GradScaler):
+    """A callable giving the GradScaler's current scale as a device tensor (no host synchronisation):
+    read during the backward pass, after `scale()` has set it for this step."""
+    def scale() -> torch.Tensor | None:
+        # GradScaler keeps the scale in `_scale` (a 1-element device tensor); `get_scale()` would
+        # synchronise with the host. tests/test_precision.py checks the clamp through a real scaler.
+        return getattr(grad_scaler, "_scale", None)
+    return scale
+
+
 class Method(nn.Module):
     """A scoring network and its training loss."""
 
@@ -74,6 +84,9 @@ class Method(nn.Module):
 
     def predict(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixels)[0]
+
+    def use_grad_scaler(self, grad_scaler: torch.amp.GradScaler) -> None:
+        """Tell the networks the loss scale of fp16 training (the mask's gradient clamp needs it)."""
 
     def loss_terms(self, pixels: torch.Tensor, target: torch.Tensor, teacher_feature: torch.Tensor | None,
                    epoch: int) -> dict[str, torch.Tensor]:
@@ -118,6 +131,10 @@ class StudentMethod(Method):
     def nets(self) -> dict[str, nn.Module]:
         return {"model": self.model, **({"policy": self.policy} if self.policy is not None else {})}
 
+    def use_grad_scaler(self, grad_scaler: torch.amp.GradScaler) -> None:
+        if self.policy is not None:
+            self.policy.grad_scale = current_loss_scale(grad_scaler) if grad_scaler.is_enabled() else None
+
     def param_groups(self, optim: OptimSettings) -> list[dict]:
         groups = [{"params": list(self.model.parameters()), "lr": optim.lr}]
         if self.policy is not None:
@@ -146,7 +163,7 @@ class StudentMethod(Method):
             # in the mix); the trunk learns by imitating the mix.
             mask = self.policy(f_s, teacher_feature)
             f_m = mix(f_s.detach(), teacher_feature, mask)
-            terms["mixed"] = F.mse_loss(self.model.head(f_m).squeeze(-1).float(), target)
+            terms["mixed"] = F.mse_loss(self.model.score(f_m), target)
             terms["imitation"] = F.mse_loss(f_s, f_m.detach())
             terms["mask_teacher_share"] = mask.detach().float().mean()
         return terms

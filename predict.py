@@ -29,6 +29,7 @@ from databases import IMAGE_SUFFIXES
 from distributed import resolve_device
 from engine import autocast_for
 from images import is_two_to_one, project_faces, read_rgb, resize_rgb, to_chw
+from models.backbone import prepare_model
 
 
 def build_parser() -> Parser:
@@ -84,7 +85,7 @@ def load_models(target: Path, device: torch.device) -> tuple[list[torch.nn.Modul
     for path, ckpt in zip(paths[1:], ckpts[1:]):
         if (ckpt.get("kind"), ckpt["settings"]["data"]) != (first.get("kind"), first["settings"]["data"]):
             raise UserError(f"{path}: another kind of model or input than {paths[0]}; score with one at a time")
-    models = [model_from_checkpoint(c, p).to(device).eval() for c, p in zip(ckpts, paths)]
+    models = [prepare_model(model_from_checkpoint(c, p), device).eval() for c, p in zip(ckpts, paths)]
     return models, paths, first
 
 

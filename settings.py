@@ -77,7 +77,8 @@ class RunSettings:
     database_test: str | None = None
     out: str | None = None
     resume: bool = False
-    save_every: int = 1
+    save_every: int = 0                       # also write the resumable state every N epochs (0: by time only)
+    save_minutes: float = 5.0                 # write it when this many minutes have passed since the last write
     fold: int | None = None                   # train only this fold
     folds: int = 5                            # number of content-disjoint folds of the default split
     folds_file: str | None = None

@@ -23,6 +23,7 @@ from distributed import DIST, resolve_device
 from folds import AUTHORS_FILE, FoldSet, load_folds, resolve_folds
 from image_store import ImageStore
 from methods import student_method, teacher_method
+from models.backbone import prepare_model
 from runs import Run, latest_finished_run, read_run_record
 from settings import PROTOCOLS, DataSettings, RuntimeSettings, TrainingSettings
 from teacher_features import (
@@ -117,7 +118,7 @@ def _teacher_checkpoint(run_dir: Path, fold: int, resume_hint: str) -> tuple[dic
 def _teacher_features(checkpoint: tuple[dict, Path], store: ImageStore, batch_size: int, amp: str,
                       device: torch.device, progress: bool, fold: int) -> tuple[torch.Tensor, Path]:
     ckpt, path = checkpoint
-    model = model_from_checkpoint(ckpt, path).to(device)
+    model = prepare_model(model_from_checkpoint(ckpt, path), device)
     _, feats = engine.infer(model, store, store.images, batch_size, engine.autocast_for(amp, device),
                             progress=progress, desc=f"teacher features (fold {fold})")
     return feats, path

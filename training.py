@@ -11,6 +11,7 @@ outputs, checkpoint.pt). One decoded pixel cache serves every fold of the run.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,12 +24,13 @@ import torch
 import engine
 import metrics
 from checkpoints import CHECKPOINT, RESUME, cpu_state, load_checkpoint, load_resume_state, save_checkpoint
-from common import UserError, atomic_torch_save, jsonable, seed_everything
+from common import UserError, atomic_torch_save, deferred_interrupts, interrupt_pending, jsonable, seed_everything
 from databases import Database, database_key
 from distributed import DIST, sum_gradients
 from folds import FoldSet, FoldSplit, holdout_validation, resolve_folds
 from image_store import ImageStore
 from methods import Method, TargetScale
+from models.backbone import prepare_model
 from runs import FoldResult, Run, check_run_dir, finish_run, labels, run_name, run_record, write_fold_outputs
 from settings import PROTOCOL_NOTES, TrainingSettings
 
@@ -46,6 +48,9 @@ def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None
         raise UserError(f"--fold {run_cfg.fold} is out of range: the fold file has folds 0..{len(folds) - 1}")
     fold_ids = [run_cfg.fold] if run_cfg.fold is not None else list(range(len(folds)))
     mode = "batch" if runtime.parallel == "batch" else "folds"
+    if runtime.deterministic:
+        # cuBLAS reads this when CUDA creates its handle: it must be set before any CUDA work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = DIST.init(runtime.device, mode)
     if DIST.data_parallel and settings.optim.batch_size < DIST.world:
         raise UserError(f"--batch-size {settings.optim.batch_size} is smaller than the {DIST.world} processes of "
@@ -53,17 +58,19 @@ def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None
     name = DIST.gather_objects(run_name(settings))[0]  # rank 0's clock names the run on every rank
     run_dir = Path(run_cfg.out) if run_cfg.out else Path("runs") / settings.script / (run_key or database_key(db)) / name
     check_run_dir(run_dir, resume=run_cfg.resume)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not runtime.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = runtime.tf32
-        torch.backends.cudnn.allow_tf32 = runtime.tf32
-    if runtime.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    run = Run(settings, db, folds, fold_ids, run_dir, device, test_db, run_record(settings, db, folds, device, test_db))
+    apply_precision(runtime.tf32, runtime.deterministic, device)
+    amp = engine.resolve_amp(runtime.amp, device)
+    record = run_record(settings, db, folds, device, test_db)
+    record["amp_used"] = amp
+    run = Run(settings, db, folds, fold_ids, run_dir, device, test_db, record)
     if DIST.is_main:
         world = f", {DIST.world} processes (--parallel {DIST.mode})" if DIST.enabled else ""
         print(f"{settings.script} ({labels(settings)}): {db.name} ({len(db)} images), {len(fold_ids)} fold(s) of "
               f"{folds.path or folds.source}, run folder {run_dir}{world}", flush=True)
+        print(f"device {device}, precision {AMP_NAMES[amp]}"
+              + (f" (--amp {runtime.amp})" if runtime.amp == "auto" else "")
+              + (", TF32 on" if device.type == "cuda" and runtime.tf32 and amp == "none" else "")
+              + (", deterministic algorithms" if runtime.deterministic else ""), flush=True)
         print(f"protocol {PROTOCOL_NOTES[settings.protocol].format(metric=settings.eval.select_metric)}", flush=True)
         if settings.eval.select == "test":
             print("note: epoch selected on the test fold (the paper's protocol; optimistic)", flush=True)
@@ -76,6 +83,23 @@ def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None
             print("note: --seeding once under --parallel folds: each process seeds once before its first fold, "
                   "so folds after the first differ from a sequential run", flush=True)
     return run
+
+
+AMP_NAMES = {"none": "fp32", "bf16": "bf16 autocast (head and projector fp32)",
+             "fp16": "fp16 autocast with loss scaling (head and projector fp32)"}
+
+
+def apply_precision(tf32: bool, deterministic: bool, device: torch.device) -> None:
+    """TF32 and determinism switches of a run. `--deterministic`: PyTorch refuses any operation without a
+    deterministic implementation (no warn-only), cuDNN without autotuning; the backbone's global pool is
+    then a mean with a deterministic CUDA backward (models/backbone.py)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
 
 
 def train_folds(run: Run, build_method: Callable[[int, FoldSplit], Method], *,
@@ -148,14 +172,13 @@ def setup_fold(run: Run, k: int, method: Method, train_images: Sequence[str]) ->
     """The networks on the device, Adam and the GradScaler; then either the finished fold's model, the
     resumable state of an interrupted one, or a fresh start (the head initialised)."""
     settings, device = run.settings, run.device
-    method.to(device)
-    if device.type == "cuda":
-        method.to(memory_format=torch.channels_last)
+    prepare_model(method, device)
     optimizer = engine.build_optimizer(method, settings.optim)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
-    amp = settings.runtime.amp
+    amp = engine.resolve_amp(settings.runtime.amp, device)
     grad_scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
+    method.use_grad_scaler(grad_scaler)
     scale = TargetScale.of(settings.optim.target_scale, run.db.score_range)
     state = FoldState(method, method, optimizer, grad_scaler, engine.autocast_for(amp, device), scale)
     fold_dir = run.fold_dir(k)
@@ -225,32 +248,49 @@ def train_epochs(run: Run, k: int, state: FoldState, store: ImageStore, test_sto
     writer = _summary_writer(run, k) if run.writes_fold(k) else None
     bar = tqdm(range(state.start_epoch, epochs + 1), desc=f"fold {k}", unit="epoch", disable=not run.progress,
                dynamic_ncols=True, initial=state.start_epoch - 1, total=epochs)
-    for epoch in bar:
-        started = time.perf_counter()
-        factor = engine.lr_factor(settings.optim.lr_schedule, epoch, epochs)
-        for group in state.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        scalars = engine.train_one_epoch(state.method, state.step, store, train_images, state.optimizer,
-                                         state.grad_scaler, state.autocast, state.scale, settings.optim.batch_size,
-                                         epoch, engine.epoch_generator(settings.optim.seed, k, epoch))
-        if not all(math.isfinite(v) for v in scalars.values()):
-            raise UserError(f"fold {k} epoch {epoch}: the training loss is not finite; lower --lr or use --amp none")
-        record = {"fold": k, "epoch": epoch, **scalars, "lr": settings.optim.lr * factor,
-                  "epoch_seconds": time.perf_counter() - started}
-        record.update(evaluate_epoch(run, k, state, epoch, store, test_store, val_images))
-        state.history.append(record)
-        if writer is not None:
-            run.log(k, record)
-            for name, value in record.items():
-                if name not in ("fold", "epoch") and isinstance(value, (int, float)):
-                    writer.add_scalar(name, value, epoch)
-            writer.flush()
-            if epoch % settings.run.save_every == 0 and epoch < epochs:
-                _save_resume_state(run, k, state, epoch)
-        bar.set_postfix(loss=f"{record['train_loss']:.4g}", srcc=f"{record.get('test_srcc', float('nan')):.3f}")
+    last_save = time.monotonic()
+    with deferred_interrupts("stopping after this epoch, its state saved for --resume"):
+        for epoch in bar:
+            started = time.perf_counter()
+            factor = engine.lr_factor(settings.optim.lr_schedule, epoch, epochs)
+            for group in state.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            scalars = engine.train_one_epoch(state.method, state.step, store, train_images, state.optimizer,
+                                             state.grad_scaler, state.autocast, state.scale, settings.optim.batch_size,
+                                             epoch, engine.epoch_generator(settings.optim.seed, k, epoch))
+            # Under --parallel batch every rank stops at the same epoch: a non-finite loss or a Ctrl-C on any.
+            not_finite, stop = DIST.any_rank([not all(math.isfinite(v) for v in scalars.values()),
+                                              interrupt_pending()], run.device)
+            if not_finite:
+                raise UserError(f"fold {k} epoch {epoch}: the training loss is not finite"
+                                f"{' on some process' if DIST.data_parallel else ''}; lower --lr or use --amp none")
+            record = {"fold": k, "epoch": epoch, **scalars, "lr": settings.optim.lr * factor,
+                      "epoch_seconds": time.perf_counter() - started}
+            record.update(evaluate_epoch(run, k, state, epoch, store, test_store, val_images))
+            state.history.append(record)
+            if writer is not None:
+                run.log(k, record)
+                for name, value in record.items():
+                    if name not in ("fold", "epoch") and isinstance(value, (int, float)):
+                        writer.add_scalar(name, value, epoch)
+                writer.flush()
+                if stop or (epoch < epochs and _save_due(settings.run, epoch, last_save)):
+                    _save_resume_state(run, k, state, epoch)
+                    last_save = time.monotonic()
+            bar.set_postfix(loss=f"{record['train_loss']:.4g}", srcc=f"{record.get('test_srcc', float('nan')):.3f}")
+            if stop:
+                raise KeyboardInterrupt
     bar.close()
     if writer is not None:
         writer.close()
+
+
+def _save_due(run_cfg, epoch: int, last_save: float) -> bool:
+    """Whether the resumable state is written after `epoch`: --save-minutes since the last write, or
+    every --save-every epochs. (On a GPU an epoch can take a second and the state is ~150 MB.)"""
+    if run_cfg.save_every and epoch % run_cfg.save_every == 0:
+        return True
+    return time.monotonic() - last_save >= 60.0 * run_cfg.save_minutes
 
 
 def selection_criterion(values: dict, metric: str) -> float:
@@ -334,7 +374,7 @@ def _checkpoint_settings(settings: TrainingSettings) -> dict:
     """The settings a checkpoint keeps: what defines the model and its training, not where it ran."""
     record = settings.to_json()
     record["runtime"] = {key: record["runtime"][key] for key in ("amp", "tf32")}
-    for key in ("out", "resume", "save_every", "data_root"):
+    for key in ("out", "resume", "save_every", "save_minutes", "data_root"):
         record["run"].pop(key)
     return record
 
@@ -357,12 +397,15 @@ def _save_final(run: Run, k: int, state: FoldState, epoch: int, history: list[di
 
 
 def _save_resume_state(run: Run, k: int, state: FoldState, epoch: int) -> None:
+    started = time.perf_counter()
+    path = run.fold_dir(k) / RESUME
     atomic_torch_save({
         "model_config": state.method.config(),
         "modules": {name: cpu_state(net) for name, net in state.method.nets().items()},
         "optimizer": state.optimizer.state_dict(), "grad_scaler": state.grad_scaler.state_dict(),
         "epoch": epoch, "history": jsonable(state.history), "selected": state.selected,
-    }, run.fold_dir(k) / RESUME)
+    }, path)
+    run.saved.append((path.stat().st_size, time.perf_counter() - started))
 
 
 def _summary_writer(run: Run, k: int) -> Any:

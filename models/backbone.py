@@ -45,8 +45,14 @@ class Backbone(nn.Module):
             self.add_module(name, getattr(resnet, name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # the input in the weights' layout (CUDA runs)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            # AdaptiveAvgPool2d has no deterministic CUDA backward (PyTorch refuses it under --deterministic);
+            # the mean over the spatial positions is the same global pool, with a deterministic backward.
+            return x.mean(dim=(2, 3))
         return torch.flatten(self.avgpool(x), 1)
 
 
@@ -189,6 +195,25 @@ class ScoringNet(nn.Module):
         self.backbone, self.channels = build_backbone(arch, pretrained=pretrained, weights_path=weights_path)
         self.head = nn.Linear(self.feature_dim, 1)
 
+    def score(self, feature: torch.Tensor) -> torch.Tensor:
+        """The head's score [B] of features [B, feature_dim], always in fp32 (see `fp32`)."""
+        return fp32(self.head, feature).squeeze(-1)
+
     def config(self) -> dict[str, Any]:
         """Architecture as plain types; ``models.model_from_config`` rebuilds the model from it."""
         return {"kind": self.kind, "arch": self.arch, "normalize": self.normalize, "feature_dim": self.feature_dim}
+
+
+def fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` in fp32 even under autocast: the score head and the feature projectors. Scores on a
+    0-100 scale in bf16 would come in steps of 0.125-0.5, and cached teacher features would be rounded."""
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device`; on CUDA in the channels_last layout (the backbone puts its input in it too)."""
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model

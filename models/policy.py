@@ -6,6 +6,7 @@ channel mask m; the mixed feature is f_m = (1 - m) * f_s + m * f_t.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,20 +14,30 @@ from torch import nn
 
 
 class BinarizeSTE(torch.autograd.Function):
-    """Forward: 1 where the input is > 0.5, else 0. Backward: the upstream gradient clamped to [-1, 1]."""
+    """Forward: 1 where the input is > 0.5, else 0. Backward: the upstream gradient clamped to [-1, 1].
+
+    Under fp16 training the GradScaler multiplies every gradient by its loss scale S before this
+    backward runs; `grad_scale` (a callable giving S, or None) makes the clamp act on the true
+    gradient: clamp(S g, -S, S) = S clamp(g, -1, 1), computed in fp32."""
 
     @staticmethod
-    def forward(ctx: Any, probs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, probs: torch.Tensor, grad_scale: Callable[[], torch.Tensor | None] | None = None
+                ) -> torch.Tensor:
+        ctx.grad_scale = grad_scale
         return (probs > 0.5).to(probs.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output.clamp(-1.0, 1.0)
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        scale = ctx.grad_scale() if ctx.grad_scale is not None else None
+        if scale is None:
+            return grad_output.clamp(-1.0, 1.0), None
+        bound = scale.float().reshape(())
+        return torch.clamp(grad_output.float(), -bound, bound).to(grad_output.dtype), None
 
 
-def binarize(probs: torch.Tensor) -> torch.Tensor:
-    """Hard 0/1 mask from probabilities, straight-through (clamped) gradient."""
-    return BinarizeSTE.apply(probs)
+def binarize(probs: torch.Tensor, grad_scale: Callable[[], torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Hard 0/1 mask from probabilities, straight-through (clamped) gradient (see BinarizeSTE)."""
+    return BinarizeSTE.apply(probs, grad_scale)
 
 
 def mix(f_s: torch.Tensor, f_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -48,6 +59,7 @@ class PolicyNet(nn.Module):
         self.hidden = int(hidden)
         self.fc1 = nn.Linear(2 * self.feature_dim, self.hidden)
         self.fc2 = nn.Linear(self.hidden, self.feature_dim)  # no activation before: as in the paper
+        self.grad_scale: Callable[[], torch.Tensor | None] | None = None  # fp16 training's loss scale (BinarizeSTE)
 
     def probabilities(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         """Sigmoid outputs before thresholding, [B, feature_dim]."""
@@ -56,7 +68,7 @@ class PolicyNet(nn.Module):
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         """Binary mask [B, feature_dim] (values exactly 0 or 1) from f_s, f_t [B, feature_dim]."""
-        return binarize(self.probabilities(f_s, f_t))
+        return binarize(self.probabilities(f_s, f_t), self.grad_scale)
 
     mix = staticmethod(mix)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from common import UserError
-from models.backbone import ScoringNet
+from models.backbone import ScoringNet, fp32
 
 
 class StudentNet(ScoringNet):
@@ -32,9 +32,9 @@ class StudentNet(ScoringNet):
         """The student feature f_s: [B, 3, H, W] -> [B, feature_dim]."""
         if erp.dim() != 4 or erp.shape[1] != 3:
             raise UserError(f"the student takes ERP images shaped [batch, 3, H, W], got {list(erp.shape)}")
-        return self.proj(self.backbone(self.norm(erp)))
+        return fp32(self.proj, self.backbone(self.norm(erp)))
 
     def forward(self, erp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """erp [B, 3, H, W] (uint8 or float in [0, 1]) -> (score [B], feature [B, feature_dim])."""
         feature = self.features(erp)
-        return self.head(feature).squeeze(-1), feature
+        return self.score(feature), feature

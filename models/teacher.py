@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common import UserError
-from models.backbone import ScoringNet
+from models.backbone import ScoringNet, fp32
 from viewport.layout import FACE_NAMES
 
 FACE_LAYOUT: tuple[str, ...] = FACE_NAMES
@@ -58,8 +58,8 @@ class TeacherNet(ScoringNet):
 
     def forward(self, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """faces [B, 6, 3, h, w] (uint8 or float in [0, 1]) -> (score [B], feature [B, feature_dim])."""
-        feature = self.projector(self.face_features(faces).flatten(1))
-        return self.head(feature).squeeze(-1), feature
+        feature = fp32(self.projector, self.face_features(faces).flatten(1))
+        return self.score(feature), feature
 
     def config(self) -> dict[str, Any]:
         """Architecture as plain types; ``models.model_from_config`` rebuilds the model from it."""
