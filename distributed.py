@@ -151,6 +151,11 @@ class Distributed:
         while store.add(key, 0) < self.world:
             time.sleep(delay)
             delay = min(2 * delay, 0.5)
+        # Every rank has arrived; this short barrier keeps any rank (rank 0 may host the store) from
+        # leaving before the others have seen that.
+        import torch.distributed as dist
+
+        dist.barrier()
 
     def barrier(self) -> None:
         """Every rank waits for the others (without a time limit: see wait_for_all)."""

@@ -179,13 +179,15 @@ def test_ctrl_c_prints_the_command_that_continues_the_run(db, tmp_path):
                              "--epochs", "50", "--out", str(out), *FAST], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (out / "fold0" / "resume.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+    while not (out / "fold0" / "log.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # held until the epoch in progress ends, whose state is then saved
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    last = err.strip().splitlines()[-1]
-    assert last == f"interrupted; continue it with: python teacher_train.py --resume --out {out}"
+    lines = err.strip().splitlines()
+    assert lines[-1] == f"interrupted; continue it with: python teacher_train.py --resume --out {out}"
+    assert "stopping after this epoch" in err
+    assert torch.load(out / "fold0" / "resume.pt", weights_only=True)["epoch"] >= 1
     cont = run("teacher_train.py", "--resume", "--out", str(out), "--epochs", "2", "--no-progress")
     assert cont.returncode == 2 and "--epochs was 50, now 2" in cont.stderr  # only what is given is compared
 

@@ -116,6 +116,74 @@ def test_kill_and_resume_is_bit_identical(rdb, tmp_path, capsys):
     _tensors_equal(b["model"], torch.load(ckpt_path, weights_only=True)["model"], "model")
 
 
+def test_ctrl_c_saves_the_epoch_and_resumes_bit_identical(rdb, tmp_path):
+    """The resumable state is written by time (none within the default 5 minutes here) and on Ctrl-C, after
+    the epoch in progress: exit 130, the state of that epoch, and a resumed run identical to a straight one."""
+    base = ["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), "--fold", "0", "--epochs", "5", *FAST]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    teacher_train.main([*base, "--out", str(straight)])
+    assert not (straight / "fold0" / "resume.pt").exists()
+    proc = subprocess.Popen([sys.executable, "teacher_train.py", *base, "--out", str(stopped)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = stopped / "fold0" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not log.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not (stopped / "fold0" / "resume.pt").exists()  # nothing written by time so far
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    saved = torch.load(stopped / "fold0" / "resume.pt", weights_only=True)
+    logged = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert saved["epoch"] == logged[-1] >= 1 and saved["epoch"] < 5
+    teacher_train.main([*base, "--out", str(stopped), "--resume"])
+    assert (straight / "fold0" / "checkpoint.pt").read_bytes() == (stopped / "fold0" / "checkpoint.pt").read_bytes()
+
+
+def test_save_minutes_zero_writes_after_every_epoch(rdb, tmp_path, monkeypatch):
+    import training
+
+    written = []
+    real = training._save_resume_state
+    monkeypatch.setattr(training, "_save_resume_state", lambda run, k, state, epoch: (written.append(epoch),
+                                                                                       real(run, k, state, epoch)))
+    base = ["--database", str(rdb["db"]), "--folds-file", str(rdb["folds"]), "--fold", "0", "--epochs", "3", *FAST]
+    teacher_train.main([*base, "--save-minutes", "0", "--out", str(tmp_path / "every")])
+    assert written == [1, 2]  # the last epoch writes checkpoint.pt instead
+    written.clear()
+    teacher_train.main([*base, "--save-every", "2", "--out", str(tmp_path / "second")])
+    assert written == [2]
+    written.clear()
+    teacher_train.main([*base, "--out", str(tmp_path / "default")])
+    assert written == []  # 5 minutes by default
+
+
+_INTERRUPTED_WRITER = r"""
+import os, signal, sys, threading, torch
+sys.path.insert(0, {repo!r})
+from common import INTERRUPT_HINT, atomic_torch_save, run_cli
+real_save = torch.save
+def slow_save(obj, handle, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torch's zip writer is writing
+    return real_save(obj, handle, *args, **kwargs)
+torch.save = slow_save
+def main():
+    INTERRUPT_HINT.append("python teacher_train.py --resume --out RUN")
+    atomic_torch_save({{"blob": torch.zeros(2_000_000)}}, {target!r})
+run_cli(main)
+"""
+
+
+def test_ctrl_c_during_a_checkpoint_write(tmp_path):
+    target = tmp_path / "resume.pt"
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_WRITER.format(repo=str(REPO), target=str(target))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "interrupted; continue it with: python teacher_train.py --resume --out RUN"
+    assert torch.load(target, weights_only=True)["blob"].shape == (2_000_000,)  # the write completed first
+    assert [p.name for p in tmp_path.iterdir()] == ["resume.pt"]  # no temporary left behind
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Atomic writes: a process killed mid-write leaves the old file or the new one.
 
