@@ -1,0 +1,117 @@
+"""Mixed precision that does not change the method: the mask's gradient clamp under fp16 loss scaling,
+fp32 scores and features under bf16, --amp auto, and --deterministic (CPU autocast stands in for CUDA's)."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.nn import functional as F
+
+import engine
+from methods import StudentMethod, current_loss_scale
+from models import build_model
+from models.teacher import NUM_FACES
+from settings import DistillSettings
+
+
+def _student_and_batch(seed: int = 0):
+    torch.manual_seed(seed)
+    method = StudentMethod(build_model("student", pretrained=False, normalize="none"),
+                           DistillSettings(kd="mask", kd_warmup=0, kd_feature_epochs=0))
+    g = torch.Generator().manual_seed(seed + 1)
+    pixels = torch.rand(4, 3, 32, 64, generator=g)
+    target = torch.rand(4, generator=g) * 100  # raw 0-100 scores: large gradients reach the clamp
+    teacher = torch.randn(4, 512, generator=g)
+    return method, pixels, target, teacher
+
+
+def _policy_gradient(method, pixels, target, teacher, *, scaler=None, autocast=None) -> torch.Tensor:
+    method.train()
+    method.zero_grad(set_to_none=True)
+    if scaler is not None:
+        method.use_grad_scaler(scaler)
+    with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
+        loss, _ = method(pixels, target, teacher, epoch=5)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    grads = [p.grad.detach().float().clone() for p in method.policy.parameters()]
+    if scaler is not None:
+        inv = 1.0 / float(scaler.get_scale())
+        grads = [g * inv for g in grads]
+    return torch.cat([g.flatten() for g in grads])
+
+
+def test_loss_scaling_does_not_change_the_mask_gradient():
+    """One scaled fp16 step's policy gradient (unscaled afterwards) against the fp32 step's: the
+    straight-through clamp must act on true gradients, not on gradients x 65536."""
+    method, pixels, target, teacher = _student_and_batch()
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    reference = _policy_gradient(method, pixels, target, teacher)
+    assert reference.abs().max() > 0
+    method.load_state_dict(state)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaled = _policy_gradient(method, pixels, target, teacher, scaler=scaler)
+    # The same computation in fp32 (no autocast) with the scale: equal up to rounding.
+    cosine = F.cosine_similarity(scaled, reference, dim=0)
+    assert cosine > 0.9999, float(cosine)
+    torch.testing.assert_close(scaled, reference, rtol=1e-3, atol=1e-6 * float(reference.abs().max()))
+    # And under fp16 autocast (as on a GPU), at a scale where fp16 does not overflow on 0-100 targets (the
+    # GradScaler backs off to such a scale by itself): close to the fp32 gradient.
+    method.load_state_dict(state)
+    fp16 = _policy_gradient(method, pixels, target, teacher, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8),
+                            autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    assert torch.isfinite(fp16).all()
+    assert F.cosine_similarity(fp16, reference, dim=0) > 0.99
+    assert fp16.norm() / reference.norm() > 0.9
+
+
+def test_the_loss_scale_is_read_from_the_scaler_without_a_host_sync():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(torch.ones(()))
+    scale = current_loss_scale(scaler)()
+    assert isinstance(scale, torch.Tensor) and float(scale) == 2.0**10
+
+
+def test_bf16_autocast_keeps_scores_and_features_in_fp32():
+    """The head and the projector run in fp32 under autocast: scores differ from the fp32 head applied to the
+    same feature by < 1e-3 relative (bf16 would round a 0-100 score to steps of 0.125-0.5)."""
+    torch.manual_seed(0)
+    for kind, shape in (("student", (3, 3, 32, 64)), ("teacher", (3, NUM_FACES, 3, 32, 32))):
+        model = build_model(kind, pretrained=False).eval()
+        with torch.no_grad():
+            model.head.bias.fill_(57.3)  # a score on the 0-100 scale
+            pixels = torch.rand(*shape)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                score, feature = model(pixels)
+            assert score.dtype == torch.float32 and feature.dtype == torch.float32, kind
+            exact = F.linear(feature.double(), model.head.weight.double(), model.head.bias.double()).squeeze(-1)
+            assert ((score.double() - exact).abs() / exact.abs()).max() < 1e-3, kind
+            assert len(set(score.tolist())) == len(score)  # not collapsed onto a coarse grid
+
+
+def test_amp_auto_is_fp32_on_cpu_and_explicit_choices_stay():
+    cpu = torch.device("cpu")
+    assert engine.resolve_amp("auto", cpu) == "none"
+    assert engine.resolve_amp("bf16", cpu) == "bf16" and engine.resolve_amp("none", cpu) == "none"
+
+
+def test_deterministic_run_sets_cublas_workspace_and_strict_algorithms(tiny_db, tmp_path, monkeypatch, capsys):
+    import teacher_train
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        teacher_train.main(["--database", str(tiny_db), "--folds", "2", "--fold", "0", "--epochs", "1",
+                            "--no-pretrained", "--face-size", "32", "--workers", "0", "--no-progress",
+                            "--deterministic", "--out", str(tmp_path / "run")])
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    assert "precision fp32 (--amp auto), deterministic algorithms" in capsys.readouterr().out
+
+
+def test_global_pool_under_determinism_is_the_same_pool():
+    """The deterministic CUDA path of the backbone pools by a mean: the same values as AdaptiveAvgPool2d."""
+    x = torch.randn(2, 512, 7, 13, dtype=torch.float64)
+    torch.testing.assert_close(x.mean(dim=(2, 3)), torch.flatten(torch.nn.AdaptiveAvgPool2d((1, 1))(x), 1))
