@@ -39,9 +39,10 @@ def main() -> None:
     p.add_argument("--protocol", choices=("ours", "paper"), default="ours")
     p.add_argument("--parallel-folds", type=int, default=1, help="torchrun processes training whole folds")
     p.add_argument("--reuse", action="store_true", help="keep the database (and its faces) of an earlier call")
+    p.add_argument("--database", type=Path, default=None, help="the database folder (default <work>/SyntheticOIQA)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to both training scripts")
     args = p.parse_args()
-    db = args.work / "SyntheticOIQA"
+    db = args.database or args.work / "SyntheticOIQA"
     tag = f"{args.protocol}-p{args.parallel_folds}-e{args.epochs}"
     runs, feats = args.work / "runs" / tag, args.work / "features" / tag
     shutil.rmtree(runs, ignore_errors=True)

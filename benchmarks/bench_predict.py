@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--erp-size", type=parse_size, default=(1024, 512), help="the student's input size")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--prepare-only", action="store_true", help="write the photos and checkpoints, then stop")
     args = p.parse_args()
     photos, run = args.work / "photos", args.work / "run"
     photos.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,8 @@ def main() -> None:
             "kind": "student", "model_config": model.config(), "model": model.state_dict(), "epoch": 1, "epochs": 1,
             "settings": {"data": data}, "target_scale": {"offset": 0.0, "scale": 1.0},
             "database": {"name": "bench", "higher_is_better": True, "score_range": [0, 100]}})
+    if args.prepare_only:
+        return
     rates = {}
     for name, target in (("one_model", run / "fold0"), (f"{args.folds}_folds", run)):
         argv = [str(target), str(photos), "--device", args.device, "--batch-size", str(args.batch_size), "--no-progress"]

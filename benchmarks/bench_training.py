@@ -4,8 +4,12 @@ For the teacher (six faces) and the student (ERP), images per second of
   engine   `engine.train_one_epoch` over the decoded uint8 pixel cache (`--cache gpu` on CUDA, cpu
            otherwise): shuffled index selection, transfer, normalisation, AMP, Adam: a real epoch;
   compute  the same method, loss and optimiser stepping over one batch already on the device.
-The ratio engine/compute is the data-path efficiency (issue 6 target: >= 0.8). The cache is filled
+The ratio engine/compute is the data-path efficiency (target: >= 0.8). The cache is filled
 with random pixels: decoding happens once per run and is not what this measures.
+Checkpoint cost: one write of the resumable state (model + Adam) is timed and sized, and with the
+measured epoch time of an OIQA fold (256 training images, 100 epochs) gives the bytes written per
+fold and the share of the fold's time spent saving, under the old rule (after every epoch) and the
+current one (every --save-minutes, 5 by default).
 
     python benchmarks/bench_training.py --device cuda                 # paper sizes, batch 6, bf16
     python benchmarks/bench_training.py --device cpu --images 12 --face-size 64 --erp-size 256x128
@@ -13,7 +17,10 @@ with random pixels: decoding happens once per run and is not what this measures.
 from __future__ import annotations
 
 import argparse
+import math
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -25,7 +32,7 @@ from databases import Database
 from image_store import ImageStore
 from methods import StudentMethod, TargetScale, TeacherMethod
 from models import build_model
-from settings import DataSettings, DistillSettings, OptimSettings
+from settings import DataSettings, DistillSettings, OptimSettings, RunSettings
 
 
 def rates(method, store: ImageStore, optim: OptimSettings, amp: str, device: torch.device,
@@ -73,7 +80,36 @@ def rates(method, store: ImageStore, optim: OptimSettings, amp: str, device: tor
     measured_compute = compute_steps(steps)
     measured_engine = engine_epochs(epochs)
     return {"engine_img_per_s": measured_engine, "compute_img_per_s": measured_compute,
-            "efficiency": measured_engine / measured_compute}
+            "efficiency": measured_engine / measured_compute, "saving": save_cost(method, optimizer, measured_engine)}
+
+
+def save_cost(method, optimizer, img_per_s: float, fold_images: int = 256, epochs: int = 100) -> dict[str, float]:
+    """Bytes and seconds of one resumable-state write (as training._save_resume_state writes it), and what
+    they come to per fold of `epochs` epochs over `fold_images` images: after every epoch vs every
+    --save-minutes."""
+    from checkpoints import cpu_state
+    from common import atomic_torch_save
+
+    state = {"modules": {name: cpu_state(net) for name, net in method.nets().items()},
+             "optimizer": optimizer.state_dict(), "epoch": 1, "history": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "resume.pt"
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            atomic_torch_save(state, path)
+            times.append(time.perf_counter() - start)
+        size = path.stat().st_size
+    write_s = sorted(times)[1]
+    epoch_s = fold_images / img_per_s
+    minutes = RunSettings().save_minutes
+    every_epoch = {"writes": epochs - 1, "bytes": (epochs - 1) * size}
+    every_epoch["share"] = every_epoch["writes"] * write_s / (epochs * epoch_s + every_epoch["writes"] * write_s)
+    by_time = {"writes": min(epochs - 1, math.floor(epochs * epoch_s / (60 * minutes)))}
+    by_time["bytes"] = by_time["writes"] * size
+    by_time["share"] = by_time["writes"] * write_s / (epochs * epoch_s + by_time["writes"] * write_s)
+    return {"state_bytes": size, "write_seconds": write_s, "epoch_seconds": epoch_s, "save_minutes": minutes,
+            "every_epoch": every_epoch, "by_time": by_time}
 
 
 def fake_store(view: str, n: int, data: DataSettings, device: torch.device, features: bool) -> ImageStore:
@@ -112,8 +148,14 @@ def main() -> None:
     result["student_mask_kd"] = rates(student, fake_store("erp", opts.images, data, device, True), optim, opts.amp,
                                       device, opts.epochs)
     t, s = result["teacher"], result["student_mask_kd"]
+    saves = "; ".join(
+        f"{name} state {r['saving']['state_bytes'] / 2**20:.0f} MB in {r['saving']['write_seconds']:.2f} s, per fold "
+        f"{r['saving']['every_epoch']['bytes'] / 2**30:.1f} GB = {100 * r['saving']['every_epoch']['share']:.0f}% of "
+        f"its time after every epoch vs {r['saving']['by_time']['bytes'] / 2**30:.2f} GB = "
+        f"{100 * r['saving']['by_time']['share']:.1f}% every {r['saving']['save_minutes']:g} min"
+        for name, r in (("teacher", t), ("student", s)))
     report("training", result, f"teacher {t['engine_img_per_s']:.1f} img/s = {t['efficiency']:.2f} of compute; "
-           f"student (mask KD) {s['engine_img_per_s']:.1f} img/s = {s['efficiency']:.2f} of compute "
+           f"student (mask KD) {s['engine_img_per_s']:.1f} img/s = {s['efficiency']:.2f} of compute; {saves} "
            f"[{device}, batch {opts.batch_size}]")
 
 

@@ -61,11 +61,21 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def report(name: str, result: dict[str, Any], summary: str) -> None:
-    """Print the JSON and the one-line summary; also write $OUT/<name>.json when OUT is set."""
+    """Print the JSON and the one-line summary; when OUT is set, also append them at once, as one line, to
+    $OUT/results.jsonl (and the summary to $OUT/summary.txt): a later step that is killed loses only itself."""
     text = json.dumps(result, indent=2, default=float)
     print(text)
     print(f"SUMMARY {name}: {summary}", flush=True)
+    append_record({"name": name, "status": "ok", "summary": summary, "result": result})
+
+
+def append_record(record: dict[str, Any]) -> None:
+    """One line of $OUT/results.jsonl (and the summary line of $OUT/summary.txt), written and flushed now."""
     out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"{name}.json").write_text(text + "\n")
+    if not out:
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / "results.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=float) + "\n")
+    with open(Path(out) / "summary.txt", "a", encoding="utf-8") as handle:
+        handle.write(f"{record['name']}: {record.get('status', 'ok')}: {record.get('summary', '')}\n")
