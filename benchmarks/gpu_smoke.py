@@ -100,18 +100,20 @@ def interrupt_then_resume(argv: list[str], run: Path) -> None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode != 130 or not (run / "fold0" / "resume.pt").is_file():
-        raise RuntimeError(f"Ctrl-C: exit {proc.returncode}, resume.pt {'present' if (run / 'fold0' / 'resume.pt').is_file() else 'missing'}: {err[-800:]}")
+    saved = (run / "fold0" / "resume.pt").is_file()
+    if proc.returncode != 130 or not saved:
+        raise RuntimeError(f"Ctrl-C: exit {proc.returncode}, resume.pt {'written' if saved else 'missing'}: {err[-800:]}")
     teacher_train.main(["--resume", "--out", str(run)])
     if not (run / "fold0" / "checkpoint.pt").is_file():
         raise RuntimeError("the resumed run did not finish")
 
 
-def stand_in_batch_size(folds_file: Path, fold: int) -> int:
-    """A batch size whose last batch of fold `fold`'s training images holds one image: under 2 processes one
-    of them then takes a stand-in row (weight 0)."""
-    n = len(json.loads(folds_file.read_text())["folds"][fold]["train"])
-    return next((bs for bs in range(3, 16) if n % bs == 1), 4)
+def stand_in_batch(folds_file: Path) -> tuple[int, int]:
+    """(fold, batch size) whose last batch of training images holds one image: under 2 processes one of
+    them then takes a stand-in row (weight 0)."""
+    folds = json.loads(folds_file.read_text())["folds"]
+    return next(((k, bs) for bs in range(4, 64) for k, fold in enumerate(folds) if len(fold["train"]) % bs == 1),
+                (0, 2 if len(folds[0]["train"]) % 2 else 4))
 
 
 def main() -> None:
@@ -200,9 +202,9 @@ def main() -> None:
     smoke.step("torchrun reproduce.py (ours, 2 databases, the cross pair)", launch,
                ["reproduce.py", "--databases", f"{a},{b}", "--protocols", "ours", "--out", str(w / "reproduction"),
                 "--epochs", "1", "--folds", "2", "--kd-warmup", "0", "--kd-feature-epochs", "0", *small])
-    batch = stand_in_batch_size(folds_file, 0) if folds_file.is_file() else 4
-    smoke.step(f"torchrun --parallel batch, last batch of one image (batch {batch})", launch,
-               ["mask_train.py", *student, "--fold", "0", "--epochs", "2", "--batch-size", str(batch),
+    fold, batch = stand_in_batch(folds_file) if folds_file.is_file() else (0, 4)
+    smoke.step(f"torchrun --parallel batch, last batch of one image (fold {fold}, batch {batch})", launch,
+               ["mask_train.py", *student, "--fold", str(fold), "--epochs", "2", "--batch-size", str(batch),
                 "--parallel", "batch", "--out", str(w / "batch_parallel")])
     smoke.step("torchrun --parallel batch --sync-bn", launch,
                ["mask_train.py", "--database", str(a), "--folds", "2", "--kd", "none", "--fold", "0", "--epochs", "1",

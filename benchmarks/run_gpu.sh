@@ -42,7 +42,7 @@ else
 fi
 
 record() {  # name, status, seconds: the runner's own line when the step wrote none
-  "$PY" - "$@" <<'EOF'
+  python3 - "$@" <<'EOF'
 import json, os, sys
 from pathlib import Path
 name, status, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])

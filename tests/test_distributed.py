@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
+from test_ddp import free_port
 
 from distributed import COLLECTIVE_TIMEOUT_ENV, collective_timeout, processes_per_gpu, rank_gpu
 from folds import make_folds, write_folds
 from image_store import choose_cache
-from test_ddp import free_port
 
 GiB = 2**30
 FAST = ["--no-pretrained", "--face-size", "32", "--batch-size", "4", "--workers", "0", "--no-progress",
