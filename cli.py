@@ -196,7 +196,8 @@ def runtime_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default=None,
-                   help=f"mixed precision; auto = bf16 on CUDA, none on CPU {by_protocol('amp')}")
+                   help=f"mixed precision; auto = bf16 on a GPU that computes it natively, else none (fp32); the "
+                        f"score head and projector stay fp32 {by_protocol('amp')}")
     g.add_argument("--tf32", choices=("on", "off"), default=None,
                    help="TF32 matmuls and convolutions on CUDA (default by --protocol: ours on, paper off)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -208,12 +209,15 @@ def training_runtime_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime (training)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     g.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels (no cuDNN autotuning); CPU runs are deterministic anyway")
+                   help="deterministic algorithms only (PyTorch refuses the others), no cuDNN autotuning, "
+                        "CUBLAS_WORKSPACE_CONFIG set; CPU runs are deterministic anyway")
     g.add_argument("--parallel", choices=("folds", "batch"), default="folds",
                    help="under torchrun: folds = each process trains whole folds r, r+N, ... (pays for the k-fold "
                         "protocol at any batch size: the paper's batch of 6 split over GPUs would leave one or two "
                         "images each); batch = DistributedDataParallel over each step's batch (pays for large "
-                        "databases trained with large batches, or a single split such as a cross-database run)")
+                        "databases trained with large batches, or a single split such as a cross-database run). A "
+                        "process waits for the others' work without a time limit; one collective may take at most "
+                        "KDOIQA_COLLECTIVE_TIMEOUT seconds (default 1800)")
     g.add_argument("--sync-bn", action="store_true", help="with --parallel batch: BatchNorm statistics over all processes")
     return p
 
