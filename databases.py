@@ -4,8 +4,9 @@ A database is a folder holding `meta.csv` (columns `image`, `mos`, `ref`; option
 `level`) and optionally `database.json` ({"name", "higher_is_better", "score_range"}). The known
 databases (CVIQ, OIQA, IQA-ODI, Synthetic) live under `--data-root` (default `./data`, env
 `KDOIQA_DATA`); any other folder with a `meta.csv` works without code changes. A database is
-identified by its name *and* a digest of its meta.csv (`database_key`), so two databases never
-share a run or feature folder even when they share a name.
+identified by its name, its meta.csv and the sizes and modification times of its image files
+(`database_key`), so two databases never share a run or feature folder, even when they share a name
+or a copy shares the meta.csv but holds other images.
 
     python dataset.py info --database OIQA        # validate meta.csv and decode every image
 """
@@ -135,7 +136,26 @@ class Database:
 
     def identity(self) -> dict:
         """What names this database in run records and caches."""
-        return {"name": self.name, "key": database_key(self), "root": str(self.root), "meta_sha256": self.meta_sha256}
+        return {"name": self.name, "key": database_key(self), "root": str(self.root), "meta_sha256": self.meta_sha256,
+                "files_sha256": self.files_fingerprint}
+
+    @property
+    def files_fingerprint(self) -> str:
+        """SHA-256 of every image file's path, size and modification time (a stat per file, no reading):
+        a copy whose images were re-encoded, or replaced, differs from the original. Copies that keep the
+        times (mv, cp -a, rsync -a) keep it."""
+        cached = self.__dict__.get("_files_fingerprint")
+        if cached is None:
+            digest = hashlib.sha256()
+            if self.root is not None:
+                for image in self.images:
+                    try:
+                        st = os.stat(Path(self.root) / image)
+                        digest.update(f"{image}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+                    except OSError:
+                        digest.update(f"{image}\tmissing\n".encode())
+            cached = self.__dict__["_files_fingerprint"] = digest.hexdigest()
+        return cached
 
 
 def resolve_database_root(database: str, data_root: str | os.PathLike | None = None) -> tuple[Path, DatabaseSpec | None]:
@@ -278,9 +298,14 @@ def load_database(database: str | os.PathLike, data_root: str | os.PathLike | No
 
 
 def database_key(db: Database) -> str:
-    """`<name>-<first 8 hex digits of meta.csv's SHA-256>`: the run and feature folder of a database.
+    """`<name>-<8 hex digits>` of the SHA-256 of meta.csv and of the image files' fingerprint: the run and
+    feature folder of a database.
 
     Two databases never share it, even with one name (two synthetic databases of other seeds, a
-    database re-prepared with other scores); a moved database keeps it."""
+    database re-prepared with other scores, a copy whose images were re-encoded); a moved database
+    keeps it."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", db.name)
-    return f"{name}-{db.meta_sha256[:8]}" if db.meta_sha256 else name
+    if not db.meta_sha256:
+        return name
+    digest = hashlib.sha256(f"{db.meta_sha256}\n{db.files_fingerprint}".encode()).hexdigest()
+    return f"{name}-{digest[:8]}"

@@ -18,6 +18,20 @@ PAPER_CROSS_TEACHER = {("CVIQ", "OIQA"): (0.543, 0.578), ("CVIQ", "IQA-ODI"): (0
                        ("OIQA", "CVIQ"): (0.877, 0.906), ("OIQA", "IQA-ODI"): (0.665, 0.657),
                        ("IQA-ODI", "CVIQ"): (0.797, 0.834), ("IQA-ODI", "OIQA"): (0.504, 0.564)}
 MODELS = (("teacher", "teacher (cube faces)"), ("none", "baseline (ERP, no KD)"), ("mask", "KD-OIQA (ERP, mask KD)"))
+MIN_PAIRS = 5  # fewer paired folds give no bootstrap interval worth printing
+
+# What pdflatex cannot take as it is (or takes as markup) in the text written into tables.tex.
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "Δ": r"$\Delta$", "→": r"$\rightarrow$",
+        "±": r"$\pm$", "–": "--", "≥": r"$\geq$", "≤": r"$\leq$"}
+
+
+def tex_escape(text: str) -> str:
+    """`text` as LaTeX source that pdflatex typesets as written (ASCII only)."""
+    out = "".join(_TEX.get(ch, ch) for ch in str(text))
+    if not out.isascii():
+        out = "".join(ch if ch.isascii() else "?" for ch in out)
+    return out
 
 
 def fold_rows(run_dir: Path) -> pd.DataFrame:
@@ -42,16 +56,15 @@ class Cell:
     def text(self, tex: bool = False) -> str:
         if not self.values.size:
             return "–"
-        pm = r" $\pm$ " if tex else " ± "
         std = f"{self.values.std(ddof=1):.3f}" if self.values.size > 1 else "n/a"
-        return f"{self.values.mean():.3f}{pm}{std}"
+        return f"{self.values.mean():.3f} ± {std}"
 
 
 def _tabular(header: list[str], rows: list[list[str]], tex: bool) -> str:
     if tex:
         lines = [r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\hline",
-                 " & ".join(header) + r" \\", r"\hline"]
-        lines += [" & ".join(row) + r" \\" for row in rows]
+                 " & ".join(map(tex_escape, header)) + r" \\", r"\hline"]
+        lines += [" & ".join(map(tex_escape, row)) + r" \\" for row in rows]
         return "\n".join(lines + [r"\hline", r"\end{tabular}"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -70,10 +83,11 @@ def within_tables(runs: dict[tuple[str, str, int], Path], databases: list[str], 
             for metric in ("srcc", "plcc"):
                 row.append(Cell(np.concatenate([f[metric].to_numpy() for f in found]) if found else np.zeros(0)).text(tex))
         rows.append(row)
-    paper = ["teacher, the authors' (checkpoint names)"]
-    for db in databases:
-        paper += [f"{v:.3f}" for v in PAPER_TEACHER[db]] if db in PAPER_TEACHER else ["–", "–"]
-    rows.append(paper)
+    if any(db in PAPER_TEACHER for db in databases):  # the paper's databases only
+        paper = ["teacher, the authors' (checkpoint names)"]
+        for db in databases:
+            paper += [f"{v:.3f}" for v in PAPER_TEACHER[db]] if db in PAPER_TEACHER else ["–", "–"]
+        rows.append(paper)
     effect_rows, records = [], []
     for db in databases:
         diffs = {"srcc": [], "plcc": []}
@@ -89,10 +103,15 @@ def within_tables(runs: dict[tuple[str, str, int], Path], databases: list[str], 
         cells = [db, str(len(diffs["srcc"]))]
         for metric in ("srcc", "plcc"):
             values = np.asarray(diffs[metric])
-            low, high = bootstrap_interval(values)
+            low, high = bootstrap_interval(values) if values.size >= MIN_PAIRS else (float("nan"), float("nan"))
             mean = float(values.mean()) if values.size else float("nan")
             record.update({f"d_{metric}": mean, f"d_{metric}_low": low, f"d_{metric}_high": high})
-            cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if values.size else "–")
+            if not values.size:
+                cells.append("–")
+            elif values.size < MIN_PAIRS:
+                cells.append(f"{mean:+.3f} [no interval: {values.size} pair(s), {MIN_PAIRS} needed]")
+            else:
+                cells.append(f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
         effect_rows.append(cells)
         records.append(record)
     effect = _tabular(["database", "paired folds", "Δ SRCC [95% CI]", "Δ PLCC [95% CI]"], effect_rows, tex)
@@ -104,7 +123,9 @@ def cross_table(runs: dict[tuple[str, str, str, int], Path], tex: bool = False) 
     authors' teacher. `runs` maps (A, B, model, seed) to run folders."""
     pairs = sorted({(a, b) for a, b, _, _ in runs})
     header = ["train → test"] + [f"{label.split(' (')[0]} {m}" for _, label in MODELS for m in ("SRCC", "PLCC")]
-    header += ["authors' teacher SRCC", "PLCC"]
+    authors = any(pair in PAPER_CROSS_TEACHER for pair in pairs)
+    if authors:
+        header += ["authors' teacher SRCC", "PLCC"]
     rows = []
     for a, b in pairs:
         row = [f"{a} → {b}"]
@@ -112,6 +133,7 @@ def cross_table(runs: dict[tuple[str, str, str, int], Path], tex: bool = False) 
             found = [fold_rows(p) for (x, y, m, _), p in runs.items() if (x, y, m) == (a, b, model)]
             for metric in ("srcc", "plcc"):
                 row.append(Cell(np.concatenate([f[metric].to_numpy() for f in found]) if found else np.zeros(0)).text(tex))
-        row += [f"{v:.3f}" for v in PAPER_CROSS_TEACHER[(a, b)]] if (a, b) in PAPER_CROSS_TEACHER else ["–", "–"]
+        if authors:
+            row += [f"{v:.3f}" for v in PAPER_CROSS_TEACHER[(a, b)]] if (a, b) in PAPER_CROSS_TEACHER else ["–", "–"]
         rows.append(row)
     return _tabular(header, rows, tex)

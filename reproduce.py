@@ -16,6 +16,7 @@ A second call skips what is done; an interrupted one resumes. Training flags (si
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 import time
@@ -27,7 +28,7 @@ import cli
 import paper_tables
 import stages
 from common import INTERRUPT_HINT, UserError, atomic_write_json, atomic_write_text, run_cli
-from databases import load_database, resolve_database_root
+from databases import database_key, load_database, resolve_database_root
 from derived_files import extract_database, resize_database
 from distributed import DIST
 from settings import PROTOCOLS
@@ -85,9 +86,24 @@ def present_databases(names: str | None, data_root: str | None) -> list[str]:
     return found
 
 
+def database_labels(names: list[str], data_root: str | None) -> dict[str, str]:
+    """Each --databases entry -> the name its runs, features and table columns go by under --out: the
+    database's name (a folder's database.json name, else the folder's name), never its path; entries that
+    share a name are told apart by their database key."""
+    dbs = {n: load_database(n, data_root, check_files=False) for n in names}
+    labels = {n: re.sub(r"[^A-Za-z0-9_.-]+", "_", db.name) for n, db in dbs.items()}
+    for n in names:
+        if list(labels.values()).count(labels[n]) > 1:
+            labels[n] = database_key(dbs[n])
+    if len(set(labels.values())) < len(labels):
+        raise UserError(f"--databases names one database twice ({', '.join(names)})")
+    return labels
+
+
 def plan(args, explicit: frozenset[str]) -> Plan:
     out = Path(args.out)
     databases = present_databases(args.databases, args.data_root)
+    label = database_labels(databases, args.data_root)
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
@@ -109,27 +125,28 @@ def plan(args, explicit: frozenset[str]) -> Plan:
         quality = passed.get("face_jpeg_quality", PROTOCOLS[protocol]["face_jpeg_quality"])
         within, cross = result.within.setdefault(protocol, {}), result.cross.setdefault(protocol, {})
         for name in databases:
-            result.stages.append(Stage("faces", f"[{protocol}] {name}: cube faces", ranks="main", run=lambda n=name, q=quality: _faces(
-                n, args, data, q)))
-            result.stages.append(Stage("erp", f"[{protocol}] {name}: resized ERPs", ranks="main",
+            result.stages.append(Stage("faces", f"[{protocol}] {label[name]}: cube faces", ranks="main",
+                                       run=lambda n=name, q=quality: _faces(n, args, data, q)))
+            result.stages.append(Stage("erp", f"[{protocol}] {label[name]}: resized ERPs", ranks="main",
                                        run=lambda n=name: _erp(n, args, data)))
         for seed in range(args.seed, args.seed + args.seeds):
             base = out / protocol / f"seed{seed}"
             for name in databases:
-                tag, where = f"[{protocol} seed {seed}] {name}", ["--database", name]
-                teacher, feats = base / name / "teacher", base / name / "features"
+                tag, where = f"[{protocol} seed {seed}] {label[name]}", ["--database", name]
+                teacher, feats = base / label[name] / "teacher", base / label[name] / "features"
                 result.stages.append(training("teacher_train", where, teacher, protocol, seed, f"{tag}: teacher"))
                 result.stages.append(Stage("features", f"{tag}: features", ranks="main",
                                            run=lambda n=name, t=teacher, f=feats: _features(n, t, f, args, data)))
                 for kd in ("mask", "none"):
-                    run_dir = base / name / f"student_{kd}"
+                    run_dir = base / label[name] / f"student_{kd}"
                     result.stages.append(training("mask_train", where, run_dir, protocol, seed, f"{tag}: student --kd {kd}",
                                                   {"kd": kd, "features_dir": str(feats)}))
-                    within[(name, kd, seed)] = run_dir
-                within[(name, "teacher", seed)] = teacher
+                    within[(label[name], kd, seed)] = run_dir
+                within[(label[name], "teacher", seed)] = teacher
             for a in databases if args.cross else []:
                 for b in (b for b in databases if b != a):
-                    pair_dir, tag = base / "cross" / f"{a}-to-{b}", f"[{protocol} seed {seed}] {a} -> {b}"
+                    la, lb = label[a], label[b]
+                    pair_dir, tag = base / "cross" / f"{la}-to-{lb}", f"[{protocol} seed {seed}] {la} -> {lb}"
                     where = ["--database-train", a, "--database-test", b]
                     result.stages.append(training("teacher_crossdb_train", where, pair_dir / "teacher", protocol, seed,
                                                   f"{tag}: teacher"))
@@ -139,8 +156,8 @@ def plan(args, explicit: frozenset[str]) -> Plan:
                         result.stages.append(training("crossdb_train", where, pair_dir / f"student_{kd}", protocol, seed,
                                                       f"{tag}: student --kd {kd}",
                                                       {"kd": kd, "features_dir": str(pair_dir / "features")}))
-                        cross[(a, b, kd, seed)] = pair_dir / f"student_{kd}"
-                    cross[(a, b, "teacher", seed)] = pair_dir / "teacher"
+                        cross[(la, lb, kd, seed)] = pair_dir / f"student_{kd}"
+                    cross[(la, lb, "teacher", seed)] = pair_dir / "teacher"
     return result
 
 
@@ -232,9 +249,13 @@ def write_tables(work: Plan, out: Path) -> None:
                 table = paper_tables.cross_table(work.cross[protocol], tex=fmt)
                 lines += ([f"% cross-database, protocol {protocol}", table, ""] if fmt else
                           [f"## Cross-database — protocol {protocol}", "", table, ""])
-    md += ["The authors' teacher: the 5-fold means of the figures in their teacher checkpoints' names "
-           "(listed in feat_save.py and crossdb_feat.py of github.com/Aca4peop/KD-OIQA), best epoch on the "
-           "test fold.", ""]
+    shown = {db for runs in work.within.values() for db, _, _ in runs}
+    if shown & set(paper_tables.PAPER_TEACHER):
+        md += ["The authors' teacher: the 5-fold means of the figures in their teacher checkpoints' names "
+               "(listed in feat_save.py and crossdb_feat.py of github.com/Aca4peop/KD-OIQA), best epoch on the "
+               "test fold.", ""]
+    md += [f"Paired-effect intervals need at least {paper_tables.MIN_PAIRS} paired folds; at small sizes trained "
+           "from scratch the differences between models are noise, not findings.", ""]
     atomic_write_text(out / "tables.md", "\n".join(md))
     atomic_write_text(out / "tables.tex", "\n".join(tex) + "\n")
     atomic_write_json(out / "effects.json", effects)

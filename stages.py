@@ -249,9 +249,7 @@ def train_student(settings: TrainingSettings) -> Run:
         folds = load_folds(settings.run.folds_file or teacher["provenance"]["folds_path"], db)
         _note_protocols(settings, teacher)
     else:
-        folds = resolve_folds(db, settings.run.folds_file, k=settings.run.folds, split_seed=settings.run.split_seed,
-                              prefer_authors=settings.protocol == "paper")
-        _note_split_against_features(folds, features_dir)
+        folds = _baseline_split(settings, db, features_dir)
     run_folds = [settings.run.fold] if settings.run.fold is not None and 0 <= settings.run.fold < len(folds) else range(len(folds))
     features = {} if distill.kd == "none" else {  # every fold's cache checked before any training starts
         k: load_features(fold_feature_path(features_dir, k), db, fold=k, test_images=folds.folds[k].test,
@@ -269,6 +267,30 @@ def _note_protocols(settings: TrainingSettings, teacher: dict) -> None:
     if theirs and theirs != settings.protocol and DIST.is_main:
         print(f"note: these teacher features come from a --protocol {theirs} teacher; this student runs --protocol "
               f"{settings.protocol}", flush=True)
+
+
+def _baseline_split(settings: TrainingSettings, db: Database, features_dir: Path) -> FoldSet:
+    """--kd none: the split of the teacher features beside it (as the mask-KD student takes it), so that the
+    baseline and the student are compared fold by fold; --folds-file, or no features, the default split."""
+    run_cfg = settings.run
+    path = fold_feature_path(features_dir, 0)
+    if run_cfg.folds_file is None and path.is_file():
+        try:
+            theirs = peek_features(path, "")
+            folds_path = (theirs.get("provenance") or {}).get("folds_path")
+        except UserError:
+            folds_path = None
+        if folds_path and Path(folds_path).is_file():
+            folds = load_folds(folds_path, db)
+            if DIST.is_main:
+                print(f"baseline on the split of the teacher features in {features_dir} ({folds_path}, {len(folds)} "
+                      f"folds), as the mask-KD student: the two pair fold by fold (--folds-file to choose another)",
+                      flush=True)
+            return folds
+    folds = resolve_folds(db, run_cfg.folds_file, k=run_cfg.folds, split_seed=run_cfg.split_seed,
+                          prefer_authors=settings.protocol == "paper")
+    _note_split_against_features(folds, features_dir)
+    return folds
 
 
 def _note_split_against_features(folds: FoldSet, features_dir: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import make_release_layouts
 
-from databases import load_database
+from databases import database_key, load_database
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -60,8 +60,8 @@ def test_the_papers_commands_verbatim(releases, monkeypatch, capsys):
                   "--batch_size", "4", *SMALL)
     out = paper_command(cwd, monkeypatch, capsys, "python feat_save.py")
     assert re.search(r"teacher run: runs/teacher_train/OIQA-\w+/\S+ \(the latest finished teacher_train run of OIQA\)", out)
-    key = load_database("OIQA", cwd / "data").meta_sha256[:8]
-    assert sorted(p.name for p in (cwd / "features" / f"OIQA-{key}").iterdir()) == ["fold0.pt", "fold1.pt"]
+    key = database_key(load_database("OIQA", cwd / "data"))
+    assert sorted(p.name for p in (cwd / "features" / key).iterdir()) == ["fold0.pt", "fold1.pt"]
     paper_command(cwd, monkeypatch, capsys, "python mask_train.py --database=OIQA", "--num_epochs", "2", "--kd-warmup",
                   "0", "--kd-feature-epochs", "1", "--batch_size", "4", *SMALL)
     paper_command(cwd, monkeypatch, capsys, "python teacher_crossdb_train.py --database_train=CVIQ --database_test=OIQA",
@@ -153,7 +153,7 @@ def test_student_from_the_authors_features(releases, tmp_path, monkeypatch, caps
     out = paper_command(cwd, monkeypatch, capsys, f"python feat_save.py --from-authors {authors}")
     assert "the authors' fold 2" in out and "next: python mask_train.py --database OIQA" in out
     db = load_database("OIQA", cwd / "data")
-    cache = cwd / "features" / f"OIQA-{db.meta_sha256[:8]}"
+    cache = cwd / "features" / database_key(db)
     record = torch.load(cache / "fold1.pt", weights_only=True)
     assert record["provenance"]["kind"] == "authors' release" and record["names"] == db.images
     np.testing.assert_array_equal(record["feats"][:, 0].numpy(), [200.0 + j for j in range(len(db))])
