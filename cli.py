@@ -171,18 +171,22 @@ def check_cross_values(args: argparse.Namespace) -> None:
         raise UserError("cross-database scripts take --database-train A --database-test B, not --database")
 
 
-def data_parser() -> argparse.ArgumentParser:
+def data_parser(*, student: bool = False) -> argparse.ArgumentParser:
+    """The data flags; for a student script the teacher-only ones are accepted (a command line shared with the
+    teacher works) but not listed in --help."""
     p = Parser(add_help=False)
     g = p.add_argument_group("data")
+    teacher_only = (lambda text: argparse.SUPPRESS) if student else (lambda text: text)
     g.add_argument("--erp-size", type=erp_size_type, default=(1024, 512), metavar="WxH",
                    help="student input: the ERP image resized to WxH, 2:1 (paper: 1024x512)")
-    g.add_argument("--face-size", type=positive, default=256, help="teacher input: cube-face side in pixels (paper: 256)")
+    g.add_argument("--face-size", type=positive, default=256,
+                   help=teacher_only("teacher input: cube-face side in pixels (paper: 256)"))
     g.add_argument("--faces", choices=("auto", "disk", "online"), default="auto",
-                   help="teacher faces from faces_<size>/ PNGs (disk), projected from the ERP on the training device "
-                        "(online), or disk when every face is there (auto)")
+                   help=teacher_only("teacher faces from faces_<size>/ PNGs (disk), projected from the ERP on the "
+                                     "training device (online), or disk when every face is there (auto)"))
     g.add_argument("--face-jpeg-quality", type=positive, default=None, metavar="N",
-                   help=f"faces written as JPEG of quality N at native size before resizing, as the paper's MATLAB "
-                        f"{by_protocol('face_jpeg_quality')}")
+                   help=teacher_only(f"faces written as JPEG of quality N at native size before resizing, as the "
+                                     f"paper's MATLAB {by_protocol('face_jpeg_quality')}"))
     g.add_argument("--cache", choices=("auto", "none", "cpu", "gpu"), default="auto",
                    help="decode every image once and keep the uint8 pixels in memory (auto: gpu on CUDA when it "
                         "fits, else cpu when it fits, else none = stream from disk)")
@@ -222,7 +226,7 @@ def training_runtime_parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_parser() -> argparse.ArgumentParser:
+def model_parser(*, student: bool = False) -> argparse.ArgumentParser:
     p = Parser(add_help=False)
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default="resnet18", help="backbone")
@@ -236,8 +240,9 @@ def model_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-init", choices=("mean", "default"), default=None,
                    help=f"score head: bias at the mean training score, or PyTorch's default {by_protocol('head_init')}")
     g.add_argument("--face-batchnorm", choices=("joint", "per-face"), default=None,
-                   help=f"teacher BatchNorm statistics in training: over all faces in one call, or per face position "
-                        f"(six backbone calls, the paper's) {by_protocol('face_batchnorm')}")
+                   help=argparse.SUPPRESS if student else
+                   f"teacher BatchNorm statistics in training: over all faces in one call, or per face position "
+                   f"(six backbone calls, the paper's) {by_protocol('face_batchnorm')}")
     return p
 
 
@@ -319,7 +324,7 @@ def distill_parser() -> argparse.ArgumentParser:
 
 def training_parents(*, epochs: int = 100, cross: bool = False, distill: bool = False) -> list[argparse.ArgumentParser]:
     """The parent parsers of a training script."""
-    parents = [cross_parser() if cross else database_parser(), data_parser(), model_parser(),
+    parents = [cross_parser() if cross else database_parser(), data_parser(student=distill), model_parser(student=distill),
                optim_parser(epochs=epochs), eval_parser(), run_parser(), training_runtime_parser()]
     if distill:
         parents.append(distill_parser())
@@ -505,6 +510,26 @@ def to_argv(parser: argparse.ArgumentParser, values: dict[str, Any]) -> list[str
                 value = f"{value[0]}x{value[1]}"
             argv += [flag, str(value)]
     return argv
+
+
+# The flags a "next:" hint carries over from the command before (where the next script takes them).
+CARRIED_TO_FEATURES = ("data_root", "device", "workers")
+CARRIED_TO_STUDENT = ("data_root", "device", "workers", "cache", "arch", "pretrained", "weights", "normalize",
+                      "erp_size", "protocol", "amp")
+
+
+def carried_flags(parser: argparse.ArgumentParser, values: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """The tokens that give `parser` those of `values` (the parsed flags of an earlier command) named in
+    `names` that differ from its defaults: what a "next:" hint repeats of the user's own command line."""
+    defaults = {a.dest: a.default for a in parser._actions}
+
+    def plain(value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    chosen = {name: values[name] for name in names
+              if name in values and name in defaults and values[name] is not None
+              and plain(values[name]) != plain(defaults[name])}
+    return to_argv(parser, chosen)
 
 
 def check_distill_values(settings: TrainingSettings) -> None:

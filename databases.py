@@ -191,8 +191,12 @@ def read_meta(meta_path: Path) -> pd.DataFrame:
     meta.columns = [str(c).strip() for c in meta.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
     if missing:
+        hint = ""
+        if len(meta.columns) == 1 and any(sep in meta.columns[0] for sep in ";\t"):
+            sep = "semicolons" if ";" in meta.columns[0] else "tabs"
+            hint = f"; it looks separated by {sep}: meta.csv is comma-separated (save it as CSV with commas)"
         raise UserError(f"{meta_path}: missing column(s) {', '.join(missing)}; found {', '.join(meta.columns)} "
-                        f"(expected image,mos,ref[,distortion,level])")
+                        f"(expected image,mos,ref[,distortion,level]){hint}")
     extra = [c for c in meta.columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     if extra:
         raise UserError(f"{meta_path}: unexpected column(s) {', '.join(map(repr, extra))}; allowed: "

@@ -125,6 +125,8 @@ class Run:
             if DIST.is_main:
                 self.created = not self.run_dir.exists()
                 self.run_dir.mkdir(parents=True, exist_ok=True)
+                if self.settings.run.resume:
+                    self.record = resumed_record(self.run_dir / "args.json", self.record)
                 atomic_write_json(self.run_dir / "args.json", self.record)
             elif DIST.mode == "folds":
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +185,21 @@ def run_record(settings: TrainingSettings, db: Database, folds: FoldSet, device:
         "scores_flipped": test_db is not None and db.higher_is_better != test_db.higher_is_better,
         "folds": folds.describe(), "device_used": str(device), "processes": DIST.world, "parallel": DIST.mode,
     }
+
+
+def resumed_record(path: Path, record: dict) -> dict:
+    """args.json of a resumed run: the first command line and commit kept, each resumption appended
+    (its command line, commit and time) under `resumed`."""
+    try:
+        first = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return record
+    if not isinstance(first, dict):
+        return record
+    resumption = {"argv": record["argv"], "git_commit": record["git_commit"],
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {**record, "argv": first.get("argv", record["argv"]), "git_commit": first.get("git_commit"),
+            "resumed": [*first.get("resumed", []), resumption]}
 
 
 def read_run_record(run_dir: Path, script: str) -> dict:

@@ -160,13 +160,25 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     },
 }
 
-PROTOCOL_NOTES: dict[str, str] = {
-    "ours": "ours: ImageNet normalisation, cosine rate, bf16 and TF32 on CUDA, one backbone call over all faces, "
-            "head bias at the mean score, last epoch reported, seed + fold before each fold, lossless faces",
-    "paper": "paper: no input normalisation, constant rate, fp32 (TF32 off), BatchNorm per face position, "
-             "PyTorch's head initialisation, best epoch on the test fold ({metric}), seed 2023 once before "
-             "the folds, JPEG-75 faces, the authors' folds when the database folder has folds/authors.json",
-}
+# What each protocol's preset sets, in words: (setting, ours, paper, applies to the student too).
+PROTOCOL_PARTS: tuple[tuple[str, str, bool], ...] = (
+    ("ImageNet normalisation", "no input normalisation", True),
+    ("cosine rate", "constant rate", True),
+    ("bf16 and TF32 on CUDA", "fp32 (TF32 off)", True),
+    ("one backbone call over all faces", "BatchNorm per face position", False),
+    ("head bias at the mean score", "PyTorch's head initialisation", True),
+    ("last epoch reported", "best epoch on the test fold ({metric})", True),
+    ("seed + fold before each fold", "seed 2023 once before the folds", True),
+    ("lossless faces", "JPEG-75 faces", False),
+    ("the database's split", "the authors' folds when the database folder has folds/authors.json", True),
+)
+
+
+def protocol_note(protocol: str, metric: str, *, teacher: bool) -> str:
+    """The one line a run prints about its protocol: only what applies to its network."""
+    column = 0 if protocol == "ours" else 1
+    parts = [part[column].format(metric=metric) for part in PROTOCOL_PARTS if teacher or part[2]]
+    return f"{protocol}: " + ", ".join(parts)
 
 
 def protocol_value(protocol: str, name: str, script: str | None = None) -> Any:

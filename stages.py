@@ -8,6 +8,7 @@ cross-database matrix as well (scripts never import scripts).
 """
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def train_teacher(settings: TrainingSettings) -> Run:
     db = load_database(settings.run.database, settings.run.data_root)
     run = start_run(settings, db)
     train_folds(run, lambda fold, split: teacher_method(settings.model))
-    _next(feat_save_command(settings.run.database, run.run_dir))
+    carried = cli.carried_flags(cli.teacher_parser(), settings.args, cli.CARRIED_TO_FEATURES)
+    _next(" ".join([feat_save_command(settings.run.database, run.run_dir), *map(shlex.quote, carried)]))
     return run
 
 
@@ -164,7 +166,8 @@ def save_teacher_features(database: str, data_root: str | None, run_dir: str | N
         print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]})", flush=True)
         written.append(out)
     dir_flag = f" --features-dir {features_dir}" if features_dir else ""
-    _next(f"python mask_train.py --database {database}{dir_flag}")
+    carried = cli.carried_flags(cli.student_parser(), record.get("args") or {}, cli.CARRIED_TO_STUDENT)
+    _next(f"python mask_train.py --database {database}{dir_flag}" + "".join(f" {shlex.quote(t)}" for t in carried))
     return written
 
 
@@ -258,7 +261,8 @@ def train_student(settings: TrainingSettings) -> Run:
     run = start_run(settings, db, folds=folds)
     train_folds(run, lambda fold, split: student_method(settings.model, distill),
                 features_for_fold=features.get if features else None)
-    _next(f"python predict.py {run.run_dir} my_360_photos/")
+    device = [f"--device {settings.runtime.device}"] if settings.runtime.device else []
+    _next(" ".join([f"python predict.py {run.run_dir} my_360_photos/", *device]))
     return run
 
 

@@ -32,7 +32,7 @@ from image_store import ImageStore
 from methods import Method, TargetScale
 from models.backbone import prepare_model
 from runs import FoldResult, Run, check_run_dir, finish_run, labels, run_name, run_record, write_fold_outputs
-from settings import PROTOCOL_NOTES, TrainingSettings
+from settings import TrainingSettings, protocol_note
 
 # ----------------------------------------------------------------------------------------------
 # A run.
@@ -71,7 +71,8 @@ def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None
               + (f" (--amp {runtime.amp})" if runtime.amp == "auto" else "")
               + (", TF32 on" if device.type == "cuda" and runtime.tf32 and amp == "none" else "")
               + (", deterministic algorithms" if runtime.deterministic else ""), flush=True)
-        print(f"protocol {PROTOCOL_NOTES[settings.protocol].format(metric=settings.eval.select_metric)}", flush=True)
+        print(f"protocol {protocol_note(settings.protocol, settings.eval.select_metric, teacher=settings.distill is None)}",
+              flush=True)
         if settings.eval.select == "test":
             print("note: epoch selected on the test fold (the paper's protocol; optimistic)", flush=True)
         if DIST.mode == "folds" and len(fold_ids) < DIST.world:
@@ -162,10 +163,17 @@ def train_fold(run: Run, k: int, method: Method, store: ImageStore, test_store: 
     if run.settings.eval.select == "val":
         train_images, val_images = holdout_validation(run.db, split.train, run.settings.eval.val_fraction,
                                                       run.settings.optim.seed + k)
+    started = time.perf_counter()
     state = setup_fold(run, k, method, train_images)
+    first = state.start_epoch
     if state.finished is None:
         train_epochs(run, k, state, store, test_store, train_images, val_images)
-    return report_fold(run, k, state, test_store)
+    result = report_fold(run, k, state, test_store)
+    if DIST.is_main or DIST.mode == "folds":  # one line per fold, also without progress bars
+        trained = max(0, run.settings.optim.epochs - first + 1) if state.finished is None else 0
+        print(f"fold {k}: {trained} epoch(s) trained in {time.perf_counter() - started:.0f} s; test SRCC "
+              f"{result.metrics['srcc']:.3f} (epoch {result.epoch} reported)", flush=True)
+    return result
 
 
 def setup_fold(run: Run, k: int, method: Method, train_images: Sequence[str]) -> FoldState:

@@ -313,3 +313,39 @@ def test_help_shows_every_default(script):
             continue  # on/off flags say what they do; their default is off
         shown = formatter._expand_help(action)
         assert "default" in shown, (action.option_strings[0], shown)
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's first hour, as written, in a fresh copy of the repository.
+
+def test_readme_first_hour_runs_as_written(tmp_path):
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## The first hour\n.*?```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [re.sub(r"\s+#.*$", "", line).strip() for line in block.replace("\\\n", " ").splitlines()]
+    commands = [c for c in commands if c]
+    assert commands[0].startswith("make venv && source .venv/bin/activate")  # the stated set-up step
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+    next_hint = ""
+    for command in commands[1:]:  # the set-up step is this interpreter's environment
+        argv = shlex.split(command)
+        assert argv[0] == "python", command
+        if argv[1] == "predict.py":
+            # The placeholders: the run that mask_train.py named in its "next:" line, and a folder of photos.
+            assert re.fullmatch(r"python predict\.py runs/mask_train/\S+/\S+ my_360_photos/", next_hint), next_hint
+            assert argv[2] == "runs/mask_train/<key>/<run>" and argv[3] == "my_360_photos/"
+            argv[2] = next_hint.split()[2]
+            photos = clone / "my_360_photos"
+            photos.mkdir()
+            for image in sorted((clone / "data" / "Synthetic" / "images").glob("*.png"))[:2]:
+                shutil.copy(image, photos / image.name)
+        proc = run(*argv[1:], cwd=clone, timeout=600)
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+        hints = [line[len("next: "):] for line in proc.stdout.splitlines() if line.startswith("next: ")]
+        next_hint = hints[-1] if hints else ""
+    assert "± " in proc.stdout or "mean" in proc.stdout  # predict.py's per-image mean and spread

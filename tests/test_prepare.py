@@ -24,8 +24,10 @@ REFERENCE = REPO.parent / "shared" / "reference"
 UPSTREAM = REFERENCE / "kd-oiqa-upstream"
 OIQA_MAT = REFERENCE / "oiqa-official" / "360IQA_MOS.mat"
 
-needs_reference = pytest.mark.skipif(not (UPSTREAM.is_dir() and OIQA_MAT.is_file()),
-                                     reason="../shared/reference (the real metadata) is not on this machine")
+NO_REFERENCE = ("needs the databases' real score files and the paper's fold CSVs (CVIQ.csv, OIQA's 360IQA_MOS.mat, "
+                "IQA-ODI_1080.csv, <DB>_trainc_k.csv), which this repository does not ship; they are looked for in "
+                f"{REFERENCE}, absent on this machine")
+needs_reference = pytest.mark.skipif(not (UPSTREAM.is_dir() and OIQA_MAT.is_file()), reason=NO_REFERENCE)
 
 
 def run_dataset_cli(*args: str) -> subprocess.CompletedProcess:
@@ -65,7 +67,7 @@ def iqa_odi_images() -> list[str]:
 def prepared(tmp_path_factory) -> dict[str, Path]:
     """The three databases prepared from the real score files over empty image files."""
     if not (UPSTREAM.is_dir() and OIQA_MAT.is_file()):
-        pytest.skip("../shared/reference is not on this machine")
+        pytest.skip(NO_REFERENCE)
     base = tmp_path_factory.mktemp("prepared")
     roots = {}
     for name, images, scores in (("OIQA", oiqa_images(), OIQA_MAT),
