@@ -13,6 +13,7 @@ mean, sample standard deviation (ddof=1) and median rows.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -339,6 +340,34 @@ def _number(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+MIN_SUBSET = 3  # images of one distortion type below which its correlations are not computed
+
+
+def by_distortion(evaluation: Evaluation, pred: Any, distortions: Sequence[str]) -> dict[str, float]:
+    """SRCC and PLCC within each distortion type (`srcc_<type>`, `plcc_<type>`), as OIQA papers report them:
+    against the same target as the whole set, PLCC after the same fitted mapping (fitted once on the whole
+    set). NaN for a type with fewer than MIN_SUBSET images."""
+    x = _as_array(pred, "predictions")
+    fitted = np.asarray(evaluation.fit.predict(x), dtype=np.float64)
+    target = np.asarray(evaluation.target, dtype=np.float64)
+    kinds = np.asarray([str(d) for d in distortions])
+    out: dict[str, float] = {}
+    for kind in sorted(set(kinds)):
+        name = distortion_column(kind)
+        keep = kinds == kind
+        if keep.sum() < MIN_SUBSET:
+            out[f"srcc_{name}"] = out[f"plcc_{name}"] = float("nan")
+            continue
+        out[f"srcc_{name}"] = _corr(stats.spearmanr, x[keep], target[keep])
+        out[f"plcc_{name}"] = _corr(stats.pearsonr, fitted[keep], target[keep])
+    return out
+
+
+def distortion_column(kind: str) -> str:
+    """A distortion type as a column-name suffix (`JPEG compression` -> `JPEG_compression`)."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(kind)).strip("_") or "unnamed"
 
 
 def summarize(rows: Iterable[dict[str, Any]], keys: Sequence[str] = METRIC_KEYS) -> list[dict[str, Any]]:

@@ -118,6 +118,24 @@ def within_tables(runs: dict[tuple[str, str, int], Path], databases: list[str], 
     return _tabular(header, rows, tex), effect, records
 
 
+def distortion_table(runs: dict[tuple[str, str, int], Path], databases: list[str], tex: bool = False) -> str | None:
+    """SRCC per distortion type (mean ± std over folds and seeds) of each database and model, from the
+    `srcc_<type>` columns of results.csv; None when no run has them (no `distortion` in meta.csv)."""
+    rows = []
+    for db in databases:
+        for model, label in MODELS:
+            found = [fold_rows(path) for (d, m, _), path in runs.items() if d == db and m == model]
+            columns = sorted({c for f in found for c in f.columns if c.startswith("srcc_")})
+            if columns:
+                rows.append((db, label, {c[5:]: Cell(np.concatenate([f[c].dropna().to_numpy() for f in found if c in f]))
+                                        for c in columns}))
+    if not rows:
+        return None
+    kinds = sorted({k for _, _, cells in rows for k in cells})
+    body = [[db, label, *(cells[k].text(tex) if k in cells else "–" for k in kinds)] for db, label, cells in rows]
+    return _tabular(["database", "model", *(f"{k} SRCC" for k in kinds)], body, tex)
+
+
 def cross_table(runs: dict[tuple[str, str, str, int], Path], tex: bool = False) -> str:
     """Rows: trained on A, tested on B; columns: each model's SRCC / PLCC (mean ± std over seeds), and the
     authors' teacher. `runs` maps (A, B, model, seed) to run folders."""

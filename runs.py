@@ -269,9 +269,11 @@ def finish_run(run: Run, results: list[FoldResult]) -> pd.DataFrame:
     """results.csv (a row per fold, then mean, std and median), predictions.csv, the printed table."""
     settings = run.settings
     rows = [{"fold": r.fold, "epoch": r.epoch, **{m: r.metrics[m] for m in metrics.METRIC_KEYS},
-             "n": r.metrics["n"], "fit": r.metrics["fit"], "fit_fallback": r.metrics["fit_fallback"]}
+             "n": r.metrics["n"], "fit": r.metrics["fit"], "fit_fallback": r.metrics["fit_fallback"],
+             **distortion_metrics(run.eval_db, r)}
             for r in sorted(results, key=lambda r: r.fold)]
-    summary = metrics.summarize(rows)
+    by_type = [key for key in rows[0] if key.startswith(("srcc_", "plcc_"))] if rows else []
+    summary = metrics.summarize(rows, keys=[*metrics.METRIC_KEYS, *by_type])
     table = pd.DataFrame(summary)
     for column in ("epoch", "n"):
         table[column] = table[column].astype("Int64")
@@ -301,5 +303,19 @@ def finish_run(run: Run, results: list[FoldResult]) -> pd.DataFrame:
     if fallbacks:
         print(f"note: the {settings.eval.fit} fit of fold(s) {', '.join(map(str, fallbacks))} was degenerate or failed; "
               f"their PLCC/RMSE come from a linear fit (see fit_fallback in results.csv)")
+    mean = next(row for row in summary if row["fold"] == "mean")
+    srcc_by_type = [(key[5:], mean[key]) for key in by_type if key.startswith("srcc_") and key in mean]
+    if srcc_by_type:
+        print("SRCC by distortion type (mean over folds): "
+              + ", ".join(f"{kind} {value:.3f}" for kind, value in srcc_by_type), flush=True)
     print(f"results: {run.run_dir / 'results.csv'}", flush=True)
     return table
+
+
+def distortion_metrics(db: Database, result: FoldResult) -> dict[str, float]:
+    """SRCC/PLCC per distortion type of a fold's test images, when meta.csv has a `distortion` column."""
+    if "distortion" not in db.meta.columns:
+        return {}
+    kinds = db.meta.set_index("image")["distortion"].fillna("none").astype(str)
+    every = {f"{m}_{metrics.distortion_column(k)}": float("nan") for k in sorted(set(kinds)) for m in ("srcc", "plcc")}
+    return {**every, **metrics.by_distortion(result.evaluation, result.pred, kinds.loc[result.images].tolist())}
