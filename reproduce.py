@@ -244,6 +244,10 @@ def write_tables(work: Plan, out: Path) -> None:
                           "Paired effect of mask distillation (mask KD − baseline, same fold and seed), "
                           "95% percentile bootstrap interval over the pairs:", "", effect, ""]
                 effects += records
+            by_type = paper_tables.distortion_table(runs, databases, tex=fmt)
+            if by_type is not None:
+                lines += ([f"% SRCC per distortion type, protocol {protocol}", by_type, ""] if fmt else
+                          [f"### SRCC per distortion type — protocol {protocol}", "", by_type, ""])
         if work.cross.get(protocol):
             for fmt, lines in ((False, md), (True, tex)):
                 table = paper_tables.cross_table(work.cross[protocol], tex=fmt)

@@ -58,6 +58,7 @@ def test_reproduce_with_a_database_folder_writes_under_out_only(tmp_path):
     tables = (out / "tables.md").read_text()
     assert "MyPanos SRCC" in tables and str(db) not in tables
     assert "the authors'" not in tables  # no empty row of the authors' teacher for a database of one's own
+    assert "### SRCC per distortion type — protocol ours" in tables and "| MyPanos | KD-OIQA (ERP, mask KD) |" in tables
     # A second call with another --out is a new reproduction, not "other settings".
     again = subprocess.run([sys.executable, "reproduce.py", "--databases", str(db), "--protocols", "ours", "--out",
                             str(tmp_path / "second"), "--epochs", "1", "--kd-warmup", "0", "--kd-feature-epochs", "0",

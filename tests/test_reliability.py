@@ -20,7 +20,7 @@ from conftest import kill_after_first, make_tiny_db
 import checkpoints
 import common
 import teacher_train
-from databases import load_database
+from databases import database_key, load_database
 from folds import make_folds, write_folds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -498,9 +498,10 @@ def test_features_of_another_database_or_fold(rdb, tmp_path, capsys):
     write(0, fold=1, database=db)
     err = cli(capsys, mask_train.main, base)
     assert "fold0.pt" in err and "fold 1" in err and "feat_save.py" in err and not out.exists()
-    write(0, fold=0, database=dataclasses.replace(db, name="Other", meta_sha256="0" * 64))
+    other = dataclasses.replace(db, name="Other", meta_sha256="0" * 64)
+    write(0, fold=0, database=other)
     err = cli(capsys, mask_train.main, base)
-    assert "fold0.pt" in err and "'Other-00000000'" in err and "feat_save.py" in err and not out.exists()
+    assert "fold0.pt" in err and f"'{database_key(other)}'" in err and "feat_save.py" in err and not out.exists()
     (feats / "fold0.pt").write_bytes(b"garbage")
     err = cli(capsys, mask_train.main, base)
     assert "fold0.pt" in err and not out.exists()
