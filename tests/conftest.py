@@ -86,3 +86,21 @@ def make_release_layouts(data_root: Path, contents: int = 2, per_content: int = 
         (root / "meta.csv").write_text("\n".join(rows) + "\n")
         roots[name] = root
     return roots
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_the_repository_clean():
+    """`make test` writes nothing into the repository: runs, features and reproductions go to temporary folders."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def outputs() -> set[str]:
+        found = set()
+        for folder in ("runs", "features", "reproduction", "bench-out", "scratch"):
+            if (repo / folder).is_dir():
+                found |= {p.relative_to(repo).as_posix() for p in (repo / folder).iterdir() if p.name != "README.md"}
+        return found
+
+    before = outputs()
+    yield
+    left = sorted(outputs() - before)
+    assert not left, f"the tests left outputs in the repository: {left[:5]}"

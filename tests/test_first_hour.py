@@ -72,7 +72,8 @@ def test_a_distillation_that_never_starts_is_refused(db, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_the_kd_mode_is_shown_everywhere(db, tmp_path, capsys):
+def test_the_kd_mode_is_shown_everywhere(db, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run folder, runs/..., lands here and not in the repository
     mask_train.main(["--database", str(db), "--kd", "none", "--folds", "2", "--fold", "0", "--epochs", "1", *FAST])
     printed = capsys.readouterr().out
     run_dir = next((Path("runs") / "mask_train" / database_key(load_database(db))).glob("*-none"))
