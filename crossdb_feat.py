@@ -10,9 +10,8 @@ feature written to `features/<A>-to-<B>/all.pt`, checked as feat_save.py's per-f
 """
 from __future__ import annotations
 
-import cli
-import stages
-from common import run_cli
+from kdoiqa import cli, stages
+from kdoiqa.common import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:

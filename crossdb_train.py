@@ -16,10 +16,9 @@ written to <out>/matrix.csv (default runs/crossdb_matrix; rows = trained on, col
 """
 from __future__ import annotations
 
-import cli
-import stages
-from common import run_cli
-from crossdb_matrix import MATRIX_DIR, run_matrix
+from kdoiqa import cli, stages
+from kdoiqa.common import run_cli
+from kdoiqa.crossdb_matrix import MATRIX_DIR, run_matrix
 
 
 def build_parser() -> cli.Parser:

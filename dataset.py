@@ -13,13 +13,13 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cli import Parser, cross_parser, default_threads, positive
-from common import DEFAULT_SEED, UserError, first_line, run_cli
-from databases import REGISTRY, load_database
-from dataset_cross import load_pair
-from dataset_prepare import import_author_folds, prepare
-from folds import AUTHORS_FILE, default_folds_path, make_folds, write_folds
-from images import read_rgb
+from kdoiqa.cli import Parser, cross_parser, default_threads, positive
+from kdoiqa.common import DEFAULT_SEED, UserError, first_line, run_cli
+from kdoiqa.databases import REGISTRY, load_database
+from kdoiqa.folds import AUTHORS_FILE, default_folds_path, make_folds, write_folds
+from kdoiqa.images import read_rgb
+from kdoiqa.pairs import load_pair
+from kdoiqa.prepare import import_author_folds, prepare
 
 
 def build_parser() -> Parser:
@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                             + (f"; and {len(bad) - 3} more" if len(bad) > 3 else ""))
         print(f"all {len(db)} images decode")
     elif args.command == "pair":
-        pair = load_pair(args.database_train, args.database_test, args.data_root, check_files=False)
-        print(f"{pair.key}: {len(pair.train)} images of {pair.train.name} ({pair.train.meta['ref'].nunique()} "
-              f"contents) -> {len(pair.test)} images of {pair.test.name} ({pair.test.meta['ref'].nunique()} contents)")
-        print(pair.direction_note())
+        print(load_pair(args.database_train, args.database_test, args.data_root, check_files=False).describe())
 
 
 if __name__ == "__main__":

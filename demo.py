@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cli import Parser, erp_size_type, non_negative, positive
-from common import UserError, parse_size, run_cli
+from kdoiqa.cli import Parser, erp_size_type, non_negative, positive
+from kdoiqa.common import UserError, parse_size, run_cli
 
 
 def build_parser() -> Parser:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (db / "meta.csv").is_file():
         step("synthetic database", ["make_synthetic_db.py", "--out", str(db), "--contents", str(args.contents),
                                     "--size", args.size, "--seed", "0"])
-    step("cube faces", ["-m", "viewport.extract", "--database", str(db), "--face-size", str(args.face_size),
+    step("cube faces", ["img_resize.py", "--faces", "--database", str(db), "--face-size", str(args.face_size),
                         "--no-progress"])
     step("resized ERP", ["img_resize.py", "--database", str(db), "--erp-size", erp, "--no-progress"])
     teacher = runs / "teacher"

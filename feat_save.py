@@ -13,9 +13,8 @@ authors' released features instead (their folds: `python dataset.py folds --auth
 """
 from __future__ import annotations
 
-import cli
-import stages
-from common import run_cli
+from kdoiqa import cli, stages
+from kdoiqa.common import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:

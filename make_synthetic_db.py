@@ -34,8 +34,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
-from cli import non_negative, positive
-from common import UserError, atomic_path, atomic_write_csv, completed, parse_size, run_cli
+from kdoiqa.cli import non_negative, positive
+from kdoiqa.common import UserError, atomic_path, atomic_write_csv, completed, parse_size, run_cli
 
 # ----------------------------------------------------------------------------------------------
 # Parameters (documented in the module docstring and in database.json).

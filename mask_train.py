@@ -15,9 +15,8 @@ feature loss; `--kd none` is the paper's baseline_train.py. It trains on its tea
 """
 from __future__ import annotations
 
-import cli
-import stages
-from common import run_cli
+from kdoiqa import cli, stages
+from kdoiqa.common import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:

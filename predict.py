@@ -22,14 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from checkpoints import find_checkpoints, load_checkpoint, model_from_checkpoint
-from cli import Parser, default_threads, positive
-from common import UserError, atomic_write_csv, first_line, run_cli
-from databases import IMAGE_SUFFIXES
-from distributed import resolve_device
-from engine import autocast_for
-from images import is_two_to_one, project_faces, read_rgb, resize_rgb, to_chw
-from models.backbone import prepare_model
+from kdoiqa.api import Scorer, load
+from kdoiqa.cli import Parser, default_threads, positive
+from kdoiqa.common import UserError, atomic_write_csv, first_line, run_cli
+from kdoiqa.databases import IMAGE_SUFFIXES
 
 
 def build_parser() -> Parser:
@@ -41,7 +37,8 @@ def build_parser() -> Parser:
     parser.add_argument("--batch-size", type=positive, default=16, help="images per forward pass")
     parser.add_argument("--threads", type=positive, default=default_threads(), help="decoding threads")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                        help="mixed precision (auto: bf16 on CUDA, none on CPU)")
+                        help="mixed precision (auto: bf16 on a GPU that computes it natively, else none; the score "
+                             "head is fp32 either way)")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
@@ -73,30 +70,6 @@ def check_csv(csv: Path | None) -> None:
     blocking = next((p for p in csv.parents if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise UserError(f"{blocking}: is a file, so --csv {csv} cannot be written")
-
-
-def load_models(target: Path, device: torch.device) -> tuple[list[torch.nn.Module], list[Path], dict]:
-    """The models of a checkpoint / fold / run folder, and the first checkpoint's record (they must agree)."""
-    paths = find_checkpoints(target)
-    ckpts = [load_checkpoint(p) for p in paths]
-    first = ckpts[0]
-    if first.get("kind") not in ("student", "teacher"):
-        raise UserError(f"{paths[0]}: unknown model kind {first.get('kind')!r}")
-    for path, ckpt in zip(paths[1:], ckpts[1:]):
-        if (ckpt.get("kind"), ckpt["settings"]["data"]) != (first.get("kind"), first["settings"]["data"]):
-            raise UserError(f"{path}: another kind of model or input than {paths[0]}; score with one at a time")
-    models = [prepare_model(model_from_checkpoint(c, p), device).eval() for c, p in zip(ckpts, paths)]
-    return models, paths, first
-
-
-def prepared(path: Path, kind: str, erp_size: tuple[int, int]) -> torch.Tensor:
-    """The model's input for one image: the resized ERP [3,H,W], or the full ERP for a teacher's faces."""
-    pixels = read_rgb(path)
-    height, width = pixels.shape[:2]
-    if not is_two_to_one(width, height):
-        print(f"warning: {path}: {width}x{height} is not a 2:1 equirectangular image; scoring it anyway",
-              file=sys.stderr)
-    return to_chw(resize_rgb(pixels, erp_size) if kind == "student" else pixels)
 
 
 def decoded(paths: list[Path], load, threads: int, strict: bool,
@@ -134,41 +107,22 @@ def batched(items: Iterator, size: int) -> Iterator[list]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_csv(args.csv)
-    device = resolve_device(args.device)
-    models, paths, ckpt = load_models(args.model, device)
+    scorer = load(args.model, args.device, amp=args.amp, batch_size=args.batch_size)
+    scorer.require_two_to_one = False  # any image: a warning for one that is not 2:1
     images = collect_images(args.inputs)
-    kind, data = ckpt["kind"], ckpt["settings"]["data"]
-    erp_size, face_size, quality = tuple(data["erp_size"]), int(data["face_size"]), data.get("face_jpeg_quality")
-    scale, database = ckpt["target_scale"], ckpt["database"]
-    autocast = autocast_for(args.amp, device)
-
-    from tqdm import tqdm
-
-    names, scores, skipped = [], [], []
-    with torch.no_grad(), tqdm(total=len(images), unit="img", disable=not args.progress, file=sys.stderr) as bar:
-        stream = decoded(images, lambda p: prepared(p, kind, erp_size), args.threads, args.strict, skipped)
-        for batch in batched(stream, args.batch_size):
-            if kind == "student":
-                inputs = torch.stack([pixels for _, pixels in batch]).to(device)
-            else:  # sizes differ: faces per image on the device, then one batch
-                inputs = torch.cat([project_faces(p[None].to(device), face_size, quality) for _, p in batch])
-            with autocast():
-                outs = [model(inputs)[0].float().cpu().numpy() for model in models]
-            scores.append(np.stack(outs, axis=1) * scale["scale"] + scale["offset"])
-            names += [str(path) for path, _ in batch]
-            bar.update(len(batch))
-    values = np.concatenate(scores).astype(np.float64) if scores else np.zeros((0, len(models)))
-    direction = "higher is better" if database.get("higher_is_better", True) else "higher is worse (DMOS)"
-    lo, hi = database.get("score_range", [float("nan"), float("nan")])
-    folds = f"mean and std of {len(models)} folds' models" if len(models) > 1 else "one model"
-    print(f"# {kind} trained on {database.get('name', '?')} ({folds}): scores on its scale {lo:g}-{hi:g}, {direction}")
+    names, scores, skipped = score_files(scorer, images, args.threads, args.strict, args.progress)
+    values = np.concatenate(scores).astype(np.float64) if scores else np.zeros((0, len(scorer.models)))
+    direction = "higher is better" if scorer.higher_is_better else "higher is worse (DMOS)"
+    lo, hi = scorer.score_range
+    folds = f"mean and std of {len(scorer.models)} folds' models" if len(scorer.models) > 1 else "one model"
+    print(f"# {scorer.kind} trained on {scorer.database} ({folds}): scores on its scale {lo:g}-{hi:g}, {direction}")
     frame = pd.DataFrame({"image": names, "score": values.mean(axis=1)})
-    if len(models) > 1:
+    if len(scorer.models) > 1:
         frame["std"] = values.std(axis=1, ddof=1)
-        for i, path in enumerate(paths):
+        for i, path in enumerate(scorer.paths):
             frame[path.parent.name] = values[:, i]
     for row in frame.itertuples(index=False):
-        print(f"{row.image}\t{row.score:.4f}" + (f"\t{row.std:.4f}" if len(models) > 1 else ""))
+        print(f"{row.image}\t{row.score:.4f}" + (f"\t{row.std:.4f}" if len(scorer.models) > 1 else ""))
     if args.csv is not None:
         atomic_write_csv(args.csv, frame)
     if skipped:
@@ -176,6 +130,21 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def score_files(scorer: Scorer, images: list[Path], threads: int, strict: bool,
+                progress: bool) -> tuple[list[str], list[np.ndarray], list[str]]:
+    """Every readable file scored by every model of `scorer` (decoded `threads` at a time, through the scorer's
+    own input path): names, [batch, models] score arrays, and the unreadable files' messages."""
+    from tqdm import tqdm
+
+    names, scores, skipped = [], [], []
+    with torch.no_grad(), tqdm(total=len(images), unit="img", disable=not progress, file=sys.stderr) as bar:
+        for batch in batched(decoded(images, scorer.prepare, threads, strict, skipped), scorer.batch_size):
+            scores.append(scorer.score_prepared([pixels for _, pixels in batch]).cpu().numpy())
+            names += [str(path) for path, _ in batch]
+            bar.update(len(batch))
+    return names, scores, skipped
 
 
 if __name__ == "__main__":

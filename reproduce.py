@@ -24,14 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cli
-import paper_tables
-import stages
-from common import INTERRUPT_HINT, UserError, atomic_write_json, atomic_write_text, run_cli
-from databases import database_key, load_database, resolve_database_root
-from derived_files import extract_database, resize_database
-from distributed import DIST
-from settings import PROTOCOLS
+from kdoiqa import cli, paper_tables, stages
+from kdoiqa.common import INTERRUPT_HINT, UserError, atomic_write_json, atomic_write_text, run_cli
+from kdoiqa.databases import database_key, load_database, resolve_database_root
+from kdoiqa.derived_files import extract_database, resize_database
+from kdoiqa.distributed import DIST
+from kdoiqa.settings import PROTOCOLS
 
 PAPER_DATABASES = ("CVIQ", "OIQA", "IQA-ODI")
 # Flags of the training scripts that reproduce.py passes on (its own: --databases, --protocols, --seeds, --out).

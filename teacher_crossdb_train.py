@@ -10,9 +10,8 @@ the correlations on B are taken against its negated score and the output says so
 """
 from __future__ import annotations
 
-import cli
-import stages
-from common import run_cli
+from kdoiqa import cli, stages
+from kdoiqa.common import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ pooled vectors are concatenated and projected to the 512-d teacher feature, whic
 maps to the score; the loss is the MSE to the subjective score (methods.TeacherMethod). k-fold,
 content-disjoint, the paper's optimiser (Adam 2e-4, weight decay 5e-4, batch 6, 100 epochs).
 
-    python -m viewport.extract --database OIQA            # faces_256/ once (else projected on the fly)
+    python img_resize.py --database OIQA --faces         # faces_256/ once (else projected on the fly)
     python teacher_train.py --database OIQA               # every fold
     python teacher_train.py --database OIQA --protocol paper       # the paper's exact protocol
     python teacher_train.py --database data/Synthetic --epochs 3 --no-pretrained --face-size 64 --folds 2
@@ -13,9 +13,8 @@ content-disjoint, the paper's optimiser (Adam 2e-4, weight decay 5e-4, batch 6, 
 """
 from __future__ import annotations
 
-import cli
-import stages
-from common import run_cli
+from kdoiqa import cli, stages
+from kdoiqa.common import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,7 +62,7 @@ def main() -> None:
                                         str(args.contents), "--size", args.size, "--workers", str(args.workers),
                                         "--overwrite"]))
     stages += [
-        ("faces", [sys.executable, "-m", "viewport.extract", "--database", str(db), "--face-size", str(args.face_size),
+        ("faces", [sys.executable, "img_resize.py", "--faces", "--database", str(db), "--face-size", str(args.face_size),
                    "--protocol", args.protocol, "--device", args.device, "--threads", str(args.workers)]),
         ("erp_resize", [sys.executable, "img_resize.py", "--database", str(db), "--erp-size", args.erp_size,
                         "--threads", str(args.workers)]),

@@ -23,7 +23,7 @@ import torch
 from bench_utils import machine, report, sync_for, timed
 from PIL import Image
 
-from common import parse_size
+from kdoiqa.common import parse_size
 from models import build_model
 from viewport.project import cube_faces
 
@@ -63,7 +63,7 @@ def main() -> None:
         Image.fromarray(np.asarray(src_u8[i].permute(1, 2, 0).cpu())).save(path, compress_level=1)
         files.append(path)
 
-    from images import read_rgb, resize_rgb, to_chw
+    from kdoiqa.images import read_rgb, resize_rgb, to_chw
 
     @torch.no_grad()
     def backbone():

@@ -22,8 +22,8 @@ from bench_utils import machine, report
 from PIL import Image
 
 import predict
-from checkpoints import save_checkpoint
-from common import parse_size
+from kdoiqa.checkpoints import save_checkpoint
+from kdoiqa.common import parse_size
 from models import build_model
 
 

@@ -26,13 +26,13 @@ import pandas as pd
 import torch
 from bench_utils import machine, report, sync_for
 
-import engine
-from common import parse_size
-from databases import Database
-from image_store import ImageStore
-from methods import StudentMethod, TargetScale, TeacherMethod
+from kdoiqa import engine
+from kdoiqa.common import parse_size
+from kdoiqa.databases import Database
+from kdoiqa.image_store import ImageStore
+from kdoiqa.methods import StudentMethod, TargetScale, TeacherMethod
+from kdoiqa.settings import DataSettings, DistillSettings, OptimSettings, RunSettings
 from models import build_model
-from settings import DataSettings, DistillSettings, OptimSettings, RunSettings
 
 
 def rates(method, store: ImageStore, optim: OptimSettings, amp: str, device: torch.device,
@@ -87,8 +87,8 @@ def save_cost(method, optimizer, img_per_s: float, fold_images: int = 256, epoch
     """Bytes and seconds of one resumable-state write (as training._save_resume_state writes it), and what
     they come to per fold of `epochs` epochs over `fold_images` images: after every epoch vs every
     --save-minutes."""
-    from checkpoints import cpu_state
-    from common import atomic_torch_save
+    from kdoiqa.checkpoints import cpu_state
+    from kdoiqa.common import atomic_torch_save
 
     state = {"modules": {name: cpu_state(net) for name, net in method.nets().items()},
              "optimizer": optimizer.state_dict(), "epoch": 1, "history": []}

@@ -41,7 +41,6 @@ import mask_train
 import predict
 import teacher_crossdb_train
 import teacher_train
-from viewport import extract
 
 
 class Smoke:
@@ -154,7 +153,8 @@ def main() -> None:
 
     # The scripts, under --amp auto (bf16 on a GPU that computes it natively).
     steps = [
-        ("viewport.extract", extract.main, ["--database", str(a), "--face-size", "32", *dev, "--no-progress", "--force"]),
+        ("img_resize --faces", img_resize.main, ["--faces", "--database", str(a), "--face-size", "32", "--device",
+                                                 args.device, "--no-progress", "--force"]),
         ("img_resize", img_resize.main, ["--database", str(a), "--erp-size", "64x32", "--no-progress", "--force"]),
         ("teacher_train (--save-minutes 0)", teacher_train.main, [*teacher, "--epochs", "2", "--save-minutes", "0",
                                                                   "--out", str(w / "teacher")]),

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from common import UserError
+from kdoiqa.common import UserError
 from models.backbone import ARCHS, NORMALIZE_MODES, InputNorm, build_backbone
 from models.policy import BinarizeSTE, PolicyNet, mix
 from models.student import StudentNet

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from common import UserError, torch_load
+from kdoiqa.common import UserError, torch_load
 
 ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
 NORMALIZE_MODES: tuple[str, ...] = ("imagenet", "none")

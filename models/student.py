@@ -11,7 +11,7 @@ import os
 import torch
 from torch import nn
 
-from common import UserError
+from kdoiqa.common import UserError
 from models.backbone import ScoringNet, fp32
 
 

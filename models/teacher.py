@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import UserError
+from kdoiqa.common import UserError
 from models.backbone import ScoringNet, fp32
 from viewport.layout import FACE_NAMES
 

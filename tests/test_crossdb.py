@@ -17,13 +17,13 @@ import torch
 from conftest import make_tiny_db
 from scipy import stats
 
-import cli
 import crossdb_feat
 import crossdb_train
 import teacher_crossdb_train
-from common import UserError
-from databases import load_database
-from dataset_cross import load_pair
+from kdoiqa import cli
+from kdoiqa.common import UserError
+from kdoiqa.databases import load_database
+from kdoiqa.pairs import load_pair
 
 FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "32", "--erp-size", "64x32",
         "--batch-size", "4"]
@@ -103,7 +103,7 @@ def test_trio_dmos_to_mos(dbs, tmp_path, capsys):
 
 def test_same_direction_and_select_val(dbs, tmp_path, monkeypatch, capsys):
     """Two MOS databases: nothing flipped; --select val holds out contents of A, never of B."""
-    import training
+    from kdoiqa import training
 
     seen = []
     real = training.holdout_validation

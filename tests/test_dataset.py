@@ -13,13 +13,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import databases
 import dataset
-import images
-from common import UserError, run_cli
-from databases import REGISTRY, load_database, read_meta, registry_lookup, resolve_database_root
-from folds import default_folds_path, holdout_validation, load_folds, make_folds, write_folds
-from images import ImageDataset
+from kdoiqa import databases, images
+from kdoiqa.common import UserError, run_cli
+from kdoiqa.databases import REGISTRY, load_database, read_meta, registry_lookup, resolve_database_root
+from kdoiqa.folds import default_folds_path, holdout_validation, load_folds, make_folds, write_folds
+from kdoiqa.images import ImageDataset
 
 HEADER = "image,mos,ref\n"
 
@@ -325,7 +324,7 @@ def test_image_dataset_faces_online_and_disk(image_db):
     erp = images.to_chw(images.read_rgb(image_db.path("sub/p2.png")))
     assert torch.equal(item["pixels"], cube_faces(erp, 8, antialias=True))
 
-    with pytest.raises(UserError, match="face file missing.*viewport.extract"):
+    with pytest.raises(UserError, match="face file missing.*img_resize.py --faces"):
         ImageDataset(image_db, image_db.images, "faces", face_size=8, faces_source="disk")[0]
     # faces on disk (here: distinct constant images) are read back as they are
     for image in image_db.images:

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from databases import load_database
-from folds import make_folds, write_folds
+from kdoiqa.databases import load_database
+from kdoiqa.folds import make_folds, write_folds
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -34,9 +34,9 @@ def _join(rank: int, world: int, port: int) -> None:
 
 
 def _student(epoch_phase_kd: str = "mask"):
-    from methods import StudentMethod
+    from kdoiqa.methods import StudentMethod
+    from kdoiqa.settings import DistillSettings
     from models import build_model
-    from settings import DistillSettings
 
     torch.manual_seed(0)
     return StudentMethod(build_model("student", pretrained=False, normalize="none"),
@@ -51,12 +51,12 @@ def _batch(n: int):
 def _grad_worker(rank: int, world: int, port: int, out: str, sizes: list[int]) -> None:
     """One DDP step per global batch size: this rank's share, weighted as the engine weights it."""
     _join(rank, world, port)
-    from distributed import DIST
+    from kdoiqa.distributed import DIST
 
     DIST.__init__()
     DIST.init("cpu", "batch")
-    from settings import RuntimeSettings, TrainingSettings
-    from training import _wrap
+    from kdoiqa.settings import RuntimeSettings, TrainingSettings
+    from kdoiqa.training import _wrap
 
     method = _student()
     method.eval()  # BatchNorm on running statistics: the ranks' shares then give the batch's exact gradient
@@ -99,9 +99,9 @@ def test_ddp_gradient_is_the_batch_mean(tmp_path):
 
 def test_shards_are_disjoint_and_cover_the_batch(tiny_db, monkeypatch):
     """Under --parallel batch each rank takes rows r, r+N, ... of every global batch, weighted by its share."""
-    from distributed import DIST
-    from image_store import ImageStore
-    from settings import DataSettings
+    from kdoiqa.distributed import DIST
+    from kdoiqa.image_store import ImageStore
+    from kdoiqa.settings import DataSettings
 
     db = load_database(tiny_db)
     store = ImageStore(db, db.images, "erp", DataSettings(erp_size=(32, 16), workers=0, cache="cpu"),
@@ -128,12 +128,12 @@ def test_shards_are_disjoint_and_cover_the_batch(tiny_db, monkeypatch):
 def _idle_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     """Two epochs (supervised, then feature imitation) through the engine under DDP."""
     _join(rank, world, port)
-    import engine
-    from distributed import DIST
-    from image_store import ImageStore
-    from methods import TargetScale
-    from settings import DataSettings, OptimSettings, RuntimeSettings, TrainingSettings
-    from training import _wrap
+    from kdoiqa import engine
+    from kdoiqa.distributed import DIST
+    from kdoiqa.image_store import ImageStore
+    from kdoiqa.methods import TargetScale
+    from kdoiqa.settings import DataSettings, OptimSettings, RuntimeSettings, TrainingSettings
+    from kdoiqa.training import _wrap
 
     DIST.__init__()
     device = DIST.init("cpu", "batch")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods import StudentMethod
+from kdoiqa.methods import StudentMethod
+from kdoiqa.settings import DistillSettings, OptimSettings
 from models import build_model
-from settings import DistillSettings, OptimSettings
 
 
 def make_method(kd: str = "mask") -> StudentMethod:

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as tdist
 from test_ddp import free_port
 
-from distributed import COLLECTIVE_TIMEOUT_ENV, collective_timeout, processes_per_gpu, rank_gpu
-from folds import make_folds, write_folds
-from image_store import choose_cache
+from kdoiqa.distributed import COLLECTIVE_TIMEOUT_ENV, collective_timeout, processes_per_gpu, rank_gpu
+from kdoiqa.folds import make_folds, write_folds
+from kdoiqa.image_store import choose_cache
 
 GiB = 2**30
 FAST = ["--no-pretrained", "--face-size", "32", "--batch-size", "4", "--workers", "0", "--no-progress",
@@ -26,7 +26,7 @@ def _join(rank: int, world: int, port: int, timeout_s: float) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{COLLECTIVE_TIMEOUT_ENV: str(timeout_s)})
     torch.set_num_threads(1)
-    from distributed import DIST
+    from kdoiqa.distributed import DIST
 
     DIST.__init__()
 
@@ -36,7 +36,7 @@ def _join(rank: int, world: int, port: int, timeout_s: float) -> None:
 
 def _late_worker(rank: int, world: int, port: int, out: str) -> None:
     _join(rank, world, port, timeout_s=2)
-    from distributed import DIST
+    from kdoiqa.distributed import DIST
 
     DIST.init("cpu", "folds")
     if rank == 1:
@@ -63,7 +63,7 @@ def _slow_fold_worker(rank: int, world: int, port: int, db: str, folds: str, out
     """Fold-parallel teacher training where rank 0's second fold starts 8 s late (2 s time-out)."""
     _join(rank, world, port, timeout_s=2)
     import teacher_train
-    import training
+    from kdoiqa import training
 
     real = training.train_fold
 
@@ -79,7 +79,7 @@ def _slow_fold_worker(rank: int, world: int, port: int, db: str, folds: str, out
 
 def test_fold_parallel_with_a_slow_rank_equals_sequential(tiny_db, tmp_path):
     import teacher_train
-    from databases import load_database
+    from kdoiqa.databases import load_database
 
     folds = write_folds(make_folds(load_database(tiny_db), k=3, seed=9), tmp_path / "k3.json")
     threads = torch.get_num_threads()
@@ -97,7 +97,7 @@ def test_fold_parallel_with_a_slow_rank_equals_sequential(tiny_db, tmp_path):
 
 
 def test_collective_timeout_from_the_environment(monkeypatch):
-    from common import UserError
+    from kdoiqa.common import UserError
 
     monkeypatch.delenv(COLLECTIVE_TIMEOUT_ENV, raising=False)
     assert collective_timeout().total_seconds() == 1800
@@ -113,9 +113,9 @@ def test_collective_timeout_from_the_environment(monkeypatch):
 
 def _nan_worker(rank: int, world: int, port: int, db: str, folds: str, out: str) -> None:
     _join(rank, world, port, timeout_s=60)
-    import engine
     import teacher_train
-    from common import UserError
+    from kdoiqa import engine
+    from kdoiqa.common import UserError
 
     real = engine.train_one_epoch
 
@@ -139,7 +139,7 @@ def _nan_worker(rank: int, world: int, port: int, db: str, folds: str, out: str)
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tiny_db, tmp_path):
-    from databases import load_database
+    from kdoiqa.databases import load_database
 
     folds = write_folds(make_folds(load_database(tiny_db), k=2, seed=3), tmp_path / "k2.json")
     out = str(tmp_path / "run")
@@ -154,7 +154,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tiny_db, tmp_path):
 # Devices and caches (pure functions: no GPU needed).
 
 def test_ranks_get_distinct_gpus_or_a_clear_refusal():
-    from common import UserError
+    from kdoiqa.common import UserError
 
     assert [rank_gpu(None, r, 4, 4) for r in range(4)] == [0, 1, 2, 3]
     assert [rank_gpu("cuda", r, 4, 2) for r in range(4)] == [0, 1, 0, 1]  # two processes per GPU

@@ -1,7 +1,6 @@
-"""Tests of viewport/extract.py (cube faces to PNG) and img_resize.py (ERP to PNG) on a tiny database."""
+"""Tests of img_resize.py: cube faces to PNG (--faces) and the resized ERP to PNG, on a tiny database."""
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -14,13 +13,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import derived_files
 import img_resize
-from common import UserError, run_cli
-from databases import load_database
-from images import load_erp, read_rgb, resize_rgb, to_chw
+from kdoiqa import derived_files
+from kdoiqa.common import UserError, run_cli
+from kdoiqa.databases import load_database
+from kdoiqa.images import load_erp, read_rgb, resize_rgb, to_chw
 
-extract = importlib.import_module("viewport.extract")
+
+class extract:  # noqa: N801 - the cube-face command, `img_resize.py --faces`
+    @staticmethod
+    def main(argv: list[str]) -> int:
+        return img_resize.main(["--faces", *argv])
+
 
 FACE = 16
 ERP = (32, 16)
@@ -68,7 +72,7 @@ def bump(source: Path, derived: list[Path]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# viewport/extract.py
+# img_resize.py --faces
 
 def test_extract_faces_exact(db):
     from viewport.project import cube_faces
@@ -139,10 +143,14 @@ def test_extract_arguments(db, capsys):
                           (["--batch-size", "0"], "--batch-size"), (["--device", "gpu0"], "not a device")):
         code, _, err = cli(capsys, extract, "--database", str(db.root), *argv)
         assert code == 2 and message in err and err.count("\n") == 1
+    code, _, err = cli(capsys, img_resize, "--database", str(db.root), "--face-size", "8")
+    assert code == 2 and "--face-size applies to the cube faces: add --faces" in err
+    code, _, err = cli(capsys, extract, "--database", str(db.root), "--erp-size", "64x32")
+    assert code == 2 and "--erp-size applies to the resized ERP images" in err
 
 
 def test_extract_module_cli(db):
-    result = subprocess.run([sys.executable, "-m", "viewport.extract", "--database", str(db.root), "--face-size", "8",
+    result = subprocess.run([sys.executable, "img_resize.py", "--faces", "--database", str(db.root), "--face-size", "8",
                              "--device", "cpu", "--threads", "2"], check=False, capture_output=True, text=True, cwd=REPO,
                             timeout=120)
     assert result.returncode == 0, result.stderr

@@ -18,14 +18,13 @@ import pytest
 import torch
 from conftest import make_tiny_db
 
-import cli
-import common
 import demo
 import feat_save
 import mask_train
 import teacher_train
-from databases import database_key, load_database
-from folds import make_folds, write_folds
+from kdoiqa import cli, common
+from kdoiqa.databases import database_key, load_database
+from kdoiqa.folds import make_folds, write_folds
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import kill_after_first, make_tiny_db
 
-import engine
 import feat_save
 import mask_train
 import teacher_train
-from databases import load_database
-from folds import load_folds, make_folds, write_folds
+from kdoiqa import engine
+from kdoiqa.databases import load_database
+from kdoiqa.folds import load_folds, make_folds, write_folds
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "16", "--erp-size", "32x16",
@@ -53,8 +53,8 @@ def test_lr_schedules(db, tmp_path):
 
 
 def test_head_initialisation(db, tmp_path, monkeypatch):
-    from methods import Method, teacher_method
-    from settings import ModelSettings
+    from kdoiqa.methods import Method, teacher_method
+    from kdoiqa.settings import ModelSettings
 
     for mode in ("mean", "default"):
         torch.manual_seed(0)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import make_tiny_db
 
-from common import UserError
-from databases import load_database, read_meta
-from folds import load_folds, make_folds
+from kdoiqa.common import UserError
+from kdoiqa.databases import load_database, read_meta
+from kdoiqa.folds import load_folds, make_folds
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = ["", " ", "nan", "NaN", "inf", "-inf", "1e999", "abc", '"', '""', "'", ",", ",,", "\t", "\\", "../x.png",

@@ -16,8 +16,8 @@ import feat_save
 import mask_train
 import teacher_crossdb_train
 import teacher_train
-from databases import load_database
-from folds import load_folds, make_folds, write_folds
+from kdoiqa.databases import load_database
+from kdoiqa.folds import load_folds, make_folds, write_folds
 
 FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "16", "--erp-size", "32x16",
         "--batch-size", "4"]
@@ -26,9 +26,7 @@ FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "16
 @pytest.fixture()
 def served(monkeypatch):
     """Every batch the engine draws, as (fold, "train"/"eval", evaluation call, database root, images)."""
-    import engine
-    import image_store
-    import training
+    from kdoiqa import engine, image_store, training
 
     log: list[tuple] = []
     state = {"fold": None, "call": 0}

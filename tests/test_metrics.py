@@ -12,9 +12,9 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import metrics
-from common import UserError
-from metrics import (
+from kdoiqa import metrics
+from kdoiqa.common import UserError
+from kdoiqa.metrics import (
     evaluate,
     fit_logistic,
     format_results_table,

@@ -13,7 +13,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import UserError
+from kdoiqa.common import UserError
 from models import (
     FACE_LAYOUT,
     BinarizeSTE,

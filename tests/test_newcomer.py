@@ -18,10 +18,10 @@ from PIL import Image
 
 import feat_save
 import mask_train
-import paper_tables
 import teacher_train
-from common import UserError
-from databases import database_key, load_database
+from kdoiqa import paper_tables
+from kdoiqa.common import UserError
+from kdoiqa.databases import database_key, load_database
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "16", "--erp-size", "32x16",

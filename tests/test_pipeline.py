@@ -18,10 +18,10 @@ from scipy import stats
 import feat_save
 import mask_train
 import teacher_train
-from common import UserError
-from databases import load_database
-from folds import make_folds, write_folds
-from teacher_features import fold_feature_path, load_features
+from kdoiqa.common import UserError
+from kdoiqa.databases import load_database
+from kdoiqa.folds import make_folds, write_folds
+from kdoiqa.teacher_features import fold_feature_path, load_features
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "32", "--erp-size", "64x32",
@@ -97,7 +97,7 @@ def test_checkpoints_load_weights_only(pipeline):
 
 def test_features_equal_teacher_forward(pipeline):
     """The cached feature of an image is the teacher's projector output for its faces."""
-    from images import load_faces
+    from kdoiqa.images import load_faces
     from models import model_from_config
 
     ckpt = torch.load(pipeline["teacher"] / "fold1" / "checkpoint.pt", weights_only=True)
@@ -224,9 +224,9 @@ def test_metrics_in_results_agree_with_scipy(pipeline):
 
 def test_faces_online_equal_faces_on_disk(tiny_db, tmp_path):
     """The cache built by projecting on the device equals the one read from viewport.extract's PNGs."""
-    from derived_files import extract_database
-    from image_store import ImageStore
-    from settings import DataSettings
+    from kdoiqa.derived_files import extract_database
+    from kdoiqa.image_store import ImageStore
+    from kdoiqa.settings import DataSettings
 
     shutil.copytree(tiny_db, tmp_path / "db")
     db = load_database(tmp_path / "db")

@@ -7,11 +7,11 @@ import os
 import torch
 from torch.nn import functional as F
 
-import engine
-from methods import StudentMethod, current_loss_scale
+from kdoiqa import engine
+from kdoiqa.methods import StudentMethod, current_loss_scale
+from kdoiqa.settings import DistillSettings
 from models import build_model
 from models.teacher import NUM_FACES
-from settings import DistillSettings
 
 
 def _student_and_batch(seed: int = 0):

@@ -1,4 +1,5 @@
-"""Tests of dataset_prepare.py against the real metadata in ../shared/reference (skipped when absent)."""
+"""Tests of kdoiqa/prepare.py (the three releases and the authors' folds) against the real metadata in ../shared/reference
+(skipped when absent)."""
 from __future__ import annotations
 
 import json
@@ -14,11 +15,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import dataset_prepare
-from common import UserError
-from databases import load_database
-from dataset_prepare import import_author_folds, match_key, prepare
-from folds import load_folds, write_folds
+from kdoiqa import prepare as dataset_prepare
+from kdoiqa.common import UserError
+from kdoiqa.databases import load_database
+from kdoiqa.folds import load_folds, write_folds
+from kdoiqa.prepare import import_author_folds, match_key, prepare
 
 REFERENCE = REPO.parent / "shared" / "reference"
 UPSTREAM = REFERENCE / "kd-oiqa-upstream"

@@ -13,15 +13,14 @@ import torch
 from conftest import make_tiny_db
 from torch import nn
 
-import cli
 import crossdb_train
-import engine
 import mask_train
 import teacher_crossdb_train
 import teacher_train
-from databases import load_database
-from folds import make_folds, write_folds
-from methods import student_method, teacher_method
+from kdoiqa import cli, engine
+from kdoiqa.databases import load_database
+from kdoiqa.folds import make_folds, write_folds
+from kdoiqa.methods import student_method, teacher_method
 
 FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "16", "--erp-size", "32x16",
         "--batch-size", "4"]
@@ -253,8 +252,8 @@ def test_jpeg_faces_are_the_papers_pipeline(dbs, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from derived_files import extract_database
-    from images import jpeg_roundtrip, load_faces, read_rgb, resize_rgb, to_chw
+    from kdoiqa.derived_files import extract_database
+    from kdoiqa.images import jpeg_roundtrip, load_faces, read_rgb, resize_rgb, to_chw
     from viewport.project import cube_faces, native_face_size
 
     db = load_database(dbs["B"])

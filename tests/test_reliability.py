@@ -17,11 +17,10 @@ import pytest
 import torch
 from conftest import kill_after_first, make_tiny_db
 
-import checkpoints
-import common
 import teacher_train
-from databases import database_key, load_database
-from folds import make_folds, write_folds
+from kdoiqa import checkpoints, common
+from kdoiqa.databases import database_key, load_database
+from kdoiqa.folds import make_folds, write_folds
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "32", "--erp-size", "64x32",
@@ -141,7 +140,7 @@ def test_ctrl_c_saves_the_epoch_and_resumes_bit_identical(rdb, tmp_path):
 
 
 def test_save_minutes_zero_writes_after_every_epoch(rdb, tmp_path, monkeypatch):
-    import training
+    from kdoiqa import training
 
     written = []
     real = training._save_resume_state
@@ -161,7 +160,7 @@ def test_save_minutes_zero_writes_after_every_epoch(rdb, tmp_path, monkeypatch):
 _INTERRUPTED_WRITER = r"""
 import os, signal, sys, threading, torch
 sys.path.insert(0, {repo!r})
-from common import INTERRUPT_HINT, atomic_torch_save, run_cli
+from kdoiqa.common import INTERRUPT_HINT, atomic_torch_save, run_cli
 real_save = torch.save
 def slow_save(obj, handle, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torch's zip writer is writing
@@ -190,7 +189,7 @@ def test_ctrl_c_during_a_checkpoint_write(tmp_path):
 _WRITER = r"""
 import sys, torch
 sys.path.insert(0, {repo!r})
-from common import atomic_torch_save
+from kdoiqa.common import atomic_torch_save
 i = 0
 print("ready", flush=True)
 while True:
@@ -247,7 +246,7 @@ def test_disk_full_is_one_line(rdb, tmp_path, monkeypatch, capsys):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "out" / "k2.json"))
 
     import dataset
-    import folds
+    from kdoiqa import folds
 
     monkeypatch.setattr(folds, "atomic_write_json", full)
     with pytest.raises(SystemExit) as exc:
@@ -477,7 +476,7 @@ def test_features_of_another_database_or_fold(rdb, tmp_path, capsys):
     import dataclasses
 
     import mask_train
-    from teacher_features import save_features
+    from kdoiqa.teacher_features import save_features
 
     db = load_database(rdb["db"])
     folds = json.loads(rdb["folds"].read_text())["folds"]
@@ -624,18 +623,15 @@ def test_pickled_objects_are_refused(tmp_path, capsys):
 
 
 def test_derived_image_scripts_refuse_a_truncated_image_before_writing(rdb, tmp_path, capsys):
-    import importlib
-
     import img_resize
-
-    extract = importlib.import_module("viewport.extract")
 
     root = _copy_db(rdb, tmp_path, "Trunc")
     data = (root / "images" / "c3_blur2.png").read_bytes()
     (root / "images" / "c3_blur2.png").write_bytes(data[: len(data) // 2])
     err = cli(capsys, img_resize.main, ["--database", str(root), "--erp-size", "64x32", "--no-progress"])
     assert "c3_blur2.png" in err and "unreadable" in err
-    err = cli(capsys, extract.main, ["--database", str(root), "--face-size", "16", "--device", "cpu", "--no-progress"])
+    err = cli(capsys, img_resize.main, ["--faces", "--database", str(root), "--face-size", "16", "--device", "cpu",
+                                        "--no-progress"])
     assert "c3_blur2.png" in err and "unreadable" in err
     assert sorted(p.name for p in root.iterdir()) == ["folds", "images", "meta.csv"]
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import make_release_layouts
 
-from databases import database_key, load_database
+from kdoiqa.databases import database_key, load_database
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -137,8 +137,8 @@ def write_authors_release(releases: Path, tmp_path: Path) -> Path:
 
 
 def test_student_from_the_authors_features(releases, tmp_path, monkeypatch, capsys):
-    import common
     import dataset
+    from kdoiqa import common
 
     cwd = tmp_path
     (cwd / "data").symlink_to(releases / "data")
@@ -168,10 +168,10 @@ def test_student_from_the_authors_features(releases, tmp_path, monkeypatch, caps
 @pytest.mark.parametrize("damage,needle", [("missing", "missing"), ("extra", "names no image"),
                                            ("shape", "expected a [1, 512] tensor"), ("torn", "not a readable")])
 def test_a_bad_authors_file_is_one_line_naming_it(releases, tmp_path, damage, needle):
-    import stages
-    from common import UserError, user_message
-    from dataset_prepare import import_author_folds
-    from folds import write_folds
+    from kdoiqa import stages
+    from kdoiqa.common import UserError, user_message
+    from kdoiqa.folds import write_folds
+    from kdoiqa.prepare import import_author_folds
 
     folds_dir = write_authors_release(releases, tmp_path)
     db = load_database("OIQA", releases / "data")

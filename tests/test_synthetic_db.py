@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import make_synthetic_db as msd
-from common import UserError
+from kdoiqa.common import UserError
 
 SIZE = (128, 64)
 TINY = ["--contents", "2", "--size", f"{SIZE[0]}x{SIZE[1]}", "--workers", "1"]

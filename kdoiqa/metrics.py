@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special, stats
 
-from common import UserError
+from kdoiqa.common import UserError
 
 METRIC_KEYS: tuple[str, ...] = ("srcc", "krcc", "plcc", "rmse")
 SUMMARY_LABELS: tuple[str, ...] = ("mean", "std", "median")

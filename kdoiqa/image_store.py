@@ -13,11 +13,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from common import UserError
-from databases import Database
-from distributed import DIST
-from images import ImageDataset, project_faces
-from settings import DataSettings
+from kdoiqa.common import UserError
+from kdoiqa.databases import Database
+from kdoiqa.distributed import DIST
+from kdoiqa.images import ImageDataset, project_faces
+from kdoiqa.settings import DataSettings
 
 
 def pixel_shape(view: str, data: DataSettings) -> tuple[int, ...]:
@@ -155,7 +155,7 @@ class ImageStore:
     def _check_readable(self) -> None:
         """Streaming (--cache none): check every source file opens before training starts, so that a
         bad file is reported before the run folder exists rather than in the middle of an epoch."""
-        from derived_files import check_readable
+        from kdoiqa.derived_files import check_readable
 
         if self.view == "faces" and not self._faces_online():
             paths = [p for image in self.images

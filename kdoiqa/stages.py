@@ -14,20 +14,18 @@ from pathlib import Path
 
 import torch
 
-import cli
-import engine
-from checkpoints import RESUME, finished_folds, fold_checkpoint, load_checkpoint, model_from_checkpoint
-from common import UserError, sha256_file
-from databases import Database, database_key, load_database
-from dataset_cross import CrossPair, load_pair
-from distributed import DIST, resolve_device
-from folds import AUTHORS_FILE, FoldSet, load_folds, resolve_folds
-from image_store import ImageStore
-from methods import student_method, teacher_method
-from models.backbone import prepare_model
-from runs import Run, latest_finished_run, read_run_record
-from settings import PROTOCOLS, DataSettings, RuntimeSettings, TrainingSettings
-from teacher_features import (
+from kdoiqa import cli, engine
+from kdoiqa.checkpoints import RESUME, finished_folds, fold_checkpoint, load_checkpoint, model_from_checkpoint
+from kdoiqa.common import UserError, sha256_file
+from kdoiqa.databases import Database, database_key, load_database
+from kdoiqa.distributed import DIST, resolve_device
+from kdoiqa.folds import AUTHORS_FILE, FoldSet, load_folds, resolve_folds
+from kdoiqa.image_store import ImageStore
+from kdoiqa.methods import student_method, teacher_method
+from kdoiqa.pairs import CrossPair, load_pair
+from kdoiqa.runs import Run, latest_finished_run, read_run_record
+from kdoiqa.settings import PROTOCOLS, DataSettings, RuntimeSettings, TrainingSettings
+from kdoiqa.teacher_features import (
     CROSS_FILE,
     authors_fold_dirs,
     crossdb_feat_command,
@@ -39,7 +37,8 @@ from teacher_features import (
     read_authors_fold,
     save_features,
 )
-from training import start_run, train_folds
+from kdoiqa.training import start_run, train_folds
+from models.backbone import prepare_model
 
 TEACHER, CROSS_TEACHER = "teacher_train", "teacher_crossdb_train"
 

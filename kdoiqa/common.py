@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the repository (git provenance of runs)
 DEFAULT_SEED = 2023
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from common import UserError, atomic_torch_save, first_line, torch_load
+from kdoiqa.common import UserError, atomic_torch_save, first_line, torch_load
 
 FORMAT_VERSION = 2
 CHECKPOINT = "checkpoint.pt"

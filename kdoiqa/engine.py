@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed import DIST
-from image_store import ImageStore
-from methods import Method, TargetScale
-from settings import OptimSettings
+from kdoiqa.distributed import DIST
+from kdoiqa.image_store import ImageStore
+from kdoiqa.methods import Method, TargetScale
+from kdoiqa.settings import OptimSettings
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:

@@ -21,13 +21,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-import metrics
-from checkpoints import CHECKPOINT, RESUME
-from common import INTERRUPT_HINT, UserError, atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, git_commit, jsonable
-from databases import Database
-from distributed import DIST
-from folds import FoldSet
-from settings import TrainingSettings
+from kdoiqa import metrics
+from kdoiqa.checkpoints import CHECKPOINT, RESUME
+from kdoiqa.common import (
+    INTERRUPT_HINT,
+    UserError,
+    atomic_path,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    git_commit,
+    jsonable,
+)
+from kdoiqa.databases import Database
+from kdoiqa.distributed import DIST
+from kdoiqa.folds import FoldSet
+from kdoiqa.settings import TrainingSettings
 
 SELECTION_NOTES = {
     "last": "last epoch (no selection)",

@@ -19,8 +19,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from common import UserError, atomic_torch_save, jsonable, sha256_file, torch_load
-from databases import Database, database_key, image_stem
+from kdoiqa.common import UserError, atomic_torch_save, jsonable, sha256_file, torch_load
+from kdoiqa.databases import Database, database_key, image_stem
 from models import FACE_LAYOUT
 
 FORMAT_VERSION = 2

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from common import UserError
+from kdoiqa.common import UserError
 from viewport.layout import FACE_NAMES
 
 REQUIRED_COLUMNS = ("image", "mos", "ref")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_path, completed
-from databases import Database, check_files_exist
-from images import is_two_to_one, read_rgb, resize_rgb
+from kdoiqa.common import UserError, atomic_path, completed
+from kdoiqa.databases import Database, check_files_exist
+from kdoiqa.images import is_two_to_one, read_rgb, resize_rgb
 
 
 @dataclass
@@ -172,8 +172,8 @@ def extract_database(db: Database, face_size: int = 256, device=None, threads: i
     decoding/writing threads and the projection batched on `device`; skip up-to-date ones."""
     import torch
 
-    from distributed import resolve_device
-    from images import project_faces
+    from kdoiqa.distributed import resolve_device
+    from kdoiqa.images import project_faces
 
     if face_size < 1:
         raise UserError(f"--face-size must be at least 1, got {face_size}")

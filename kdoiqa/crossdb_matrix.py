@@ -13,12 +13,11 @@ from typing import Any
 
 import pandas as pd
 
-import cli
-import stages
-from common import INTERRUPT_HINT, UserError, atomic_write_csv
-from dataset_cross import CrossPair, load_pair
-from runs import SELECTION_NOTES
-from teacher_features import CROSS_FILE
+from kdoiqa import cli, stages
+from kdoiqa.common import INTERRUPT_HINT, UserError, atomic_write_csv
+from kdoiqa.pairs import CrossPair, load_pair
+from kdoiqa.runs import SELECTION_NOTES
+from kdoiqa.teacher_features import CROSS_FILE
 
 MATRIX_DIR = Path("runs") / "crossdb_matrix"
 # Flags of the matrix invocation that do not pass on to its stages (the matrix sets them per pair).

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kdoiqa.settings import DistillSettings, ModelSettings, OptimSettings
 from models import PolicyNet, build_model
 from models.policy import mix
-from settings import DistillSettings, ModelSettings, OptimSettings
 
 
 @dataclass(frozen=True)

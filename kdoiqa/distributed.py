@@ -22,7 +22,7 @@ import os
 import time
 from typing import Any
 
-from common import UserError
+from kdoiqa.common import UserError
 
 COLLECTIVE_TIMEOUT_ENV = "KDOIQA_COLLECTIVE_TIMEOUT"
 

@@ -1,7 +1,7 @@
 """Images: decoding, resizing, cube faces, and the Dataset that serves a database's pixels.
 
 Pixels stay uint8 until the model (normalisation happens on the training device). The teacher's
-cube faces come from `faces_<size>/` PNGs when present (`python -m viewport.extract`), else they
+cube faces come from `faces_<size>/` PNGs when present (`python img_resize.py --faces`), else they
 are projected from the ERP with the same function (`project_faces`), so both give equal pixels.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common import UserError
-from databases import Database
+from kdoiqa.common import UserError
+from kdoiqa.databases import Database
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -102,7 +102,7 @@ def load_faces(db: Database, image: str, face_size: int, source: str = "auto",
         return np.stack([resize_rgb(f, (face_size, face_size)) for f in faces])
     if source == "disk":
         quality = f" --face-jpeg-quality {jpeg_quality}" if jpeg_quality is not None else ""
-        raise UserError(f"{paths[0]}: face file missing; run `python -m viewport.extract --database {db.root} "
+        raise UserError(f"{paths[0]}: face file missing; run `python img_resize.py --faces --database {db.root} "
                         f"--face-size {face_size}{quality}` or use --faces online")
     erp = to_chw(read_rgb(db.path(image)))[None]
     return project_faces(erp, face_size, jpeg_quality)[0].permute(0, 2, 3, 1).numpy()

@@ -25,9 +25,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
-from common import UserError, atomic_write_csv, atomic_write_json
-from databases import IMAGE_SUFFIXES, Database, DatabaseSpec, image_stem, read_meta, registry_lookup
-from folds import FoldSet, FoldSplit
+from kdoiqa.common import UserError, atomic_write_csv, atomic_write_json
+from kdoiqa.databases import IMAGE_SUFFIXES, Database, DatabaseSpec, image_stem, read_meta, registry_lookup
+from kdoiqa.folds import FoldSet, FoldSplit
 
 META_COLUMNS = ("image", "mos", "ref", "distortion", "level")
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common import DEFAULT_SEED, UserError, jsonable, parse_size
-from settings import (
+from kdoiqa.common import DEFAULT_SEED, UserError, jsonable, parse_size
+from kdoiqa.settings import (
     PROTOCOLS,
     SELECT_METRICS,
     DataSettings,

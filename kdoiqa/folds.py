@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DEFAULT_SEED, UserError, atomic_write_json
-from databases import Database
+from kdoiqa.common import DEFAULT_SEED, UserError, atomic_write_json
+from kdoiqa.databases import Database
 
 AUTHORS_FILE = "authors.json"
 

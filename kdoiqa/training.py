@@ -21,18 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
-import engine
-import metrics
-from checkpoints import CHECKPOINT, RESUME, cpu_state, load_checkpoint, load_resume_state, save_checkpoint
-from common import UserError, atomic_torch_save, deferred_interrupts, interrupt_pending, jsonable, seed_everything
-from databases import Database, database_key
-from distributed import DIST, sum_gradients
-from folds import FoldSet, FoldSplit, holdout_validation, resolve_folds
-from image_store import ImageStore
-from methods import Method, TargetScale
+from kdoiqa import engine, metrics
+from kdoiqa.checkpoints import CHECKPOINT, RESUME, cpu_state, load_checkpoint, load_resume_state, save_checkpoint
+from kdoiqa.common import UserError, atomic_torch_save, deferred_interrupts, interrupt_pending, jsonable, seed_everything
+from kdoiqa.databases import Database, database_key
+from kdoiqa.distributed import DIST, sum_gradients
+from kdoiqa.folds import FoldSet, FoldSplit, holdout_validation, resolve_folds
+from kdoiqa.image_store import ImageStore
+from kdoiqa.methods import Method, TargetScale
+from kdoiqa.runs import FoldResult, Run, check_run_dir, finish_run, labels, run_name, run_record, write_fold_outputs
+from kdoiqa.settings import TrainingSettings, protocol_note
 from models.backbone import prepare_model
-from runs import FoldResult, Run, check_run_dir, finish_run, labels, run_name, run_record, write_fold_outputs
-from settings import TrainingSettings, protocol_note
 
 # ----------------------------------------------------------------------------------------------
 # A run.

@@ -1,0 +1,187 @@
+"""The package and its public API: `kdoiqa.load(path)` scores as predict.py does, from files, PIL images and
+tensors; gradients reach an input; bad inputs are one clear error; the layout, the imports and `pip install -e .`."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_tiny_db
+from PIL import Image
+
+import kdoiqa
+import mask_train
+import predict
+import teacher_train
+from kdoiqa.api import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "16", "--erp-size", "32x16",
+        "--batch-size", "4", "--epochs", "1", "--folds", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("api")
+    db = make_tiny_db(work / "Tiny", contents=4, levels=2, seed=31)
+    teacher_train.main(["--database", str(db), "--fold", "0", *FAST, "--out", str(work / "teacher")])
+    mask_train.main(["--database", str(db), "--kd", "none", *FAST, "--out", str(work / "student")])
+    images = sorted((db / "images").glob("*.png"))[:5]
+    return {"db": db, "teacher": work / "teacher", "student": work / "student", "images": images, "work": work}
+
+
+def predict_csv(target: Path, images: list[Path], out: Path) -> pd.DataFrame:
+    code = predict.main([str(target), *map(str, images), "--csv", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    return pd.read_csv(out)
+
+
+def test_api_scores_equal_predict_for_files_pil_and_tensors(trained):
+    images = trained["images"]
+    run = trained["student"]
+    table = predict_csv(run, images, trained["work"] / "run.csv")  # a run folder: the mean over its folds
+    metric = kdoiqa.load(run, "cpu")
+    assert len(metric.models) == 2 and metric.kind == "student" and metric.database == "Tiny"
+    assert metric.higher_is_better is True and metric.score_range[0] < metric.score_range[1]
+    from_files = metric([str(p) for p in images])
+    assert from_files.shape == (5,) and from_files.dtype == torch.float32
+    np.testing.assert_allclose(from_files.numpy(), table["score"].to_numpy(), atol=1e-4)
+    np.testing.assert_allclose(metric.scores_per_model(images).numpy(), table[["fold0", "fold1"]].to_numpy(), atol=1e-4)
+    pil = [Image.open(p) for p in images]
+    torch.testing.assert_close(metric(pil), from_files)
+    batch = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in images])
+    torch.testing.assert_close(metric(batch), from_files)                   # a uint8 batch [B, 3, H, W]
+    torch.testing.assert_close(metric(batch[0]), from_files[:1])            # one image [3, H, W]
+    floats = metric(batch.float() / 255)                                    # float input: torch's resize
+    assert (floats - from_files).abs().max() < 0.05 * (metric.score_range[1] - metric.score_range[0])
+    assert metric.to("cpu") is metric
+
+
+def test_api_teacher_fold_equals_predict(trained):
+    images = trained["images"][:3]
+    table = predict_csv(trained["teacher"] / "fold0", images, trained["work"] / "teacher.csv")
+    metric = kdoiqa.load(trained["teacher"] / "fold0")
+    assert metric.kind == "teacher" and len(metric.models) == 1
+    np.testing.assert_allclose(metric(images).numpy(), table["score"].to_numpy(), atol=1e-4)
+
+
+def test_a_gradient_reaches_the_input(trained):
+    for target in (trained["student"] / "fold0", trained["teacher"] / "fold0"):
+        metric = kdoiqa.load(target, "cpu")
+        x = torch.rand(2, 3, 48, 96, requires_grad=True)
+        metric(x).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, target
+        assert all(p.grad is None for p in metric.parameters())  # the networks are frozen
+
+
+def test_bad_inputs_are_one_clear_error(trained, tmp_path):
+    metric = kdoiqa.load(trained["student"] / "fold0", "cpu")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    square = tmp_path / "square.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(square)
+    cases = [(torch.rand(4, 48, 96), "[3, H, W]"), (torch.rand(2, 2), "[B, 3, H, W] or [3, H, W]"),
+             (torch.rand(3, 40, 40), "40x40 is not an equirectangular (2:1) image"), (str(square), "40x40"),
+             (str(text), "unreadable image"), (42, "cannot score a int"),
+             (torch.zeros(3, 48, 96, dtype=torch.int32), "uint8 (0-255) or float (0-1)")]
+    for item, message in cases:
+        with pytest.raises(ValueError) as info:
+            metric(item)
+        assert message in str(info.value) and "\n" not in str(info.value), (item, str(info.value))
+        assert isinstance(info.value, (InputError, kdoiqa.api.UserError))
+    with pytest.raises(kdoiqa.api.UserError, match="no such checkpoint"):
+        kdoiqa.load(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------
+# The layout and the imports.
+
+TOP_LEVEL = {"teacher_train.py", "feat_save.py", "mask_train.py", "teacher_crossdb_train.py", "crossdb_feat.py",
+             "crossdb_train.py", "img_resize.py", "dataset.py", "dataset_cross.py", "predict.py", "reproduce.py",
+             "demo.py", "make_synthetic_db.py", "models", "viewport", "benchmarks", "tests", "kdoiqa", "README.md",
+             "requirements.txt", "requirements-dev.txt", "Makefile", "pyproject.toml", ".ci", ".gitignore"}
+
+
+def tracked() -> list[str]:
+    return subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def test_the_top_level_lists_only_the_scripts_and_the_project_files():
+    assert {name.split("/")[0] for name in tracked()} <= TOP_LEVEL
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_scripts_import_the_library_and_nothing_imports_in_a_loop():
+    files = [REPO / name for name in tracked() if name.endswith(".py") and not name.startswith(("tests/", "benchmarks/"))]
+    module_of = {f: ".".join(f.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__") for f in files}
+    modules = set(module_of.values())
+    scripts = {m for m in modules if "." not in m and (REPO / f"{m}.py").is_file()}
+    graph = {module_of[f]: {m for m in _imports(f) if m in modules} - {module_of[f]} for f in files}
+    for module, deps in graph.items():
+        assert not deps & scripts, f"{module} imports the script(s) {deps & scripts}"
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in graph.get(module, ()):
+            assert state.get(dep) != 1, f"import loop: {' -> '.join([*path, module, dep])}"
+            if dep not in state:
+                visit(dep, [*path, module])
+        state[module] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])
+    # The library folders hold no command-line module (none that could import back into kdoiqa).
+    for folder in ("kdoiqa", "models", "viewport"):
+        for path in (REPO / folder).glob("*.py"):
+            assert "__main__" not in path.read_text(), path
+
+
+def test_pip_install_e_in_a_fresh_venv(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    python = venv / "bin" / "python"
+    # The runtime dependencies come from this environment (a .pth file: no 5 GB torch install); pip builds the
+    # editable install as a user's pip does (its build backend, setuptools, from the package index).
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    egg_info = REPO / "kdoiqa.egg-info"  # what setuptools writes beside the sources; removed after
+    had_egg_info = egg_info.exists()
+    try:
+        proc = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", "-e", str(REPO)],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    finally:
+        if not had_egg_info:
+            shutil.rmtree(egg_info, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    check = subprocess.run([str(python), "-c", "import json, kdoiqa, models, viewport.project; "
+                            "print(json.dumps([kdoiqa.__file__, callable(kdoiqa.load), kdoiqa.Scorer.__name__]))"],
+                           cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-2000:]
+    path, loadable, name = json.loads(check.stdout)
+    assert Path(path).resolve() == (REPO / "kdoiqa" / "__init__.py").resolve() and loadable and name == "Scorer"
