@@ -236,7 +236,8 @@ def write_tables(work: Plan, out: Path) -> None:
             table1, effect, records = paper_tables.within_tables(runs, databases, protocol, tex=fmt)
             heading = f"protocol {protocol} ({note}); mean ± std over folds and seeds"
             if fmt:
-                lines += [f"% Table 1, {heading}", table1, "", "% mask KD - baseline, paired by fold and seed", effect, ""]
+                lines += [f"% Table 1, {heading.replace('±', '+/-')}", table1, "",
+                          "% mask KD - baseline, paired by fold and seed", effect, ""]
             else:
                 lines += [f"## Table 1 — {heading}", "", table1, "",
                           "Paired effect of mask distillation (mask KD − baseline, same fold and seed), "

@@ -94,7 +94,8 @@ def test_reproduce_end_to_end_and_a_second_call_redoes_nothing(releases, tmp_pat
     assert re.search(r"\| OIQA \| 2 \| [+-]\d\.\d{3} \[no interval: 2 pair\(s\), 5 needed\]", tables)
     assert "| CVIQ → IQA-ODI |" in tables and "| IQA-ODI → OIQA |" in tables
     tex = (out / "tables.tex").read_text()
-    assert tex.count(r"\begin{tabular}") == 3 and r"$\pm$" in tex
+    assert tex.count(r"\begin{tabular}") == 4 and r"$\pm$" in tex and tex.isascii()  # + per distortion type
+    assert "### SRCC per distortion type — protocol paper" in tables
     effects = json.loads((out / "effects.json").read_text())
     assert len(effects) == 3 and all(e["pairs"] == 2 for e in effects)
     # The paired difference, recomputed from the two students' results.csv.
