@@ -5,7 +5,7 @@ student with mask distillation and without (the baseline) -> predict.py on one i
 Small settings (no ImageNet weights, 64-pixel faces, 128x64 ERP, few epochs): the figures show
 that the pipeline works, not the paper's accuracy.
 
-    python demo.py --out demo            # make demo: 6 contents x 21 images, 3 folds (~7 minutes on 2 cores)
+    python demo.py --out demo            # make demo: 6 contents x 21 images, 3 folds (about 6 minutes on 2 cores)
     python demo.py --out demo --epochs 20 --student-epochs 30   # longer
 """
 from __future__ import annotations
