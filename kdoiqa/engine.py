@@ -26,7 +26,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     otherwise none (fp32); an explicit choice is kept."""
     if amp != "auto":
         return amp
-    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+    # Native bf16 arithmetic starts with compute capability 8.0 (Ampere); older GPUs emulate it slowly.
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return "bf16"
     return "none"
 

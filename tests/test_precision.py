@@ -88,10 +88,14 @@ def test_bf16_autocast_keeps_scores_and_features_in_fp32():
             assert len(set(score.tolist())) == len(score)  # not collapsed onto a coarse grid
 
 
-def test_amp_auto_is_fp32_on_cpu_and_explicit_choices_stay():
-    cpu = torch.device("cpu")
+def test_amp_auto_is_bf16_only_on_gpus_that_compute_it_natively(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert engine.resolve_amp("auto", cpu) == "none"
     assert engine.resolve_amp("bf16", cpu) == "bf16" and engine.resolve_amp("none", cpu) == "none"
+    for capability, expected in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "none"), ((6, 1), "none")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert engine.resolve_amp("auto", gpu) == expected, capability  # H100 / A100 / T4 / P100
+    assert engine.resolve_amp("fp16", gpu) == "fp16"
 
 
 def test_deterministic_run_sets_cublas_workspace_and_strict_algorithms(tiny_db, tmp_path, monkeypatch, capsys):
