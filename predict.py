@@ -107,8 +107,8 @@ def batched(items: Iterator, size: int) -> Iterator[list]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_csv(args.csv)
-    scorer = load(args.model, args.device, amp=args.amp, batch_size=args.batch_size)
-    scorer.require_two_to_one = False  # any image: a warning for one that is not 2:1
+    # Any image: one that is not 2:1 is scored after a warning.
+    scorer = load(args.model, args.device, amp=args.amp, batch_size=args.batch_size, require_two_to_one=False)
     images = collect_images(args.inputs)
     names, scores, skipped = score_files(scorer, images, args.threads, args.strict, args.progress)
     values = np.concatenate(scores).astype(np.float64) if scores else np.zeros((0, len(scorer.models)))

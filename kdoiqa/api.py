@@ -44,7 +44,7 @@ class Scorer(nn.Module):
     """One or several trained networks (a run's folds) scoring ERP images on their database's scale."""
 
     def __init__(self, models: Sequence[nn.Module], record: dict, paths: Sequence[Path], *, amp: str = "none",
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, require_two_to_one: bool = True) -> None:
         super().__init__()
         self.models = nn.ModuleList(models).eval().requires_grad_(False)
         self.paths = [Path(p) for p in paths]
@@ -62,8 +62,8 @@ class Scorer(nn.Module):
         self.target_scale = float(record["target_scale"]["scale"])
         self.amp = amp
         self.batch_size = int(batch_size)
-        # An image that is not 2:1 is refused (ValueError); predict.py scores it with a warning instead.
-        self.require_two_to_one = True
+        # An image that is not 2:1 is refused (ValueError), or with False scored after a warning (predict.py).
+        self.require_two_to_one = require_two_to_one
 
     # -- what users call -------------------------------------------------------------------------
     @property
@@ -183,9 +183,10 @@ def _is_pil(item: Any) -> bool:
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, *, amp: str = "none",
-         batch_size: int = 16) -> Scorer:
+         batch_size: int = 16, require_two_to_one: bool = True) -> Scorer:
     """A checkpoint file, a fold folder or a run folder (every finished fold) -> a `Scorer` on `device`
-    (default: cuda when present). `amp`: none (fp32, the default for a metric), bf16, fp16 or auto."""
+    (default: cuda when present). `amp`: none (fp32, the default for a metric), bf16, fp16 or auto.
+    `require_two_to_one=False` scores images that are not 2:1 after a warning instead of refusing them."""
     paths = find_checkpoints(Path(path))
     records = [load_checkpoint(p) for p in paths]
     first = records[0]
@@ -196,4 +197,5 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, *, a
             raise UserError(f"{other}: another kind of model or input than {paths[0]}; load them one at a time")
     models = [model_from_checkpoint(record, p) for record, p in zip(records, paths)]
     target = device if isinstance(device, torch.device) else resolve_device(device)
-    return Scorer(models, first, paths, amp=amp, batch_size=batch_size).to(target)
+    return Scorer(models, first, paths, amp=amp, batch_size=batch_size,
+                  require_two_to_one=require_two_to_one).to(target)

@@ -99,32 +99,22 @@ def erp_size_type(text: str) -> tuple[int, int]:
     return width, height
 
 
-def int_at_least(minimum: int, what: str):
-    """An argparse type: an integer of at least `minimum`."""
-    def parse(text: str) -> int:
+def at_least(minimum: float, what: str, kind: type = int):
+    """An argparse type: a number of `kind` (int or float) of at least `minimum`."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            value = minimum - 1
-        if value < minimum:
+            value = None
+        if value is None or not value >= minimum:  # also refuses nan
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     return parse
 
 
-positive = int_at_least(1, "a positive integer")
-
-
-def minutes_type(text: str) -> float:
-    """An argparse type: a number of minutes >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number of minutes >= 0, got {text!r}")
-    return value
-non_negative = int_at_least(0, "an integer >= 0")
+positive = at_least(1, "a positive integer")
+non_negative = at_least(0, "an integer >= 0")
+minutes = at_least(0.0, "a number of minutes >= 0", float)
 
 
 def default_workers() -> int:
@@ -290,7 +280,7 @@ def run_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="run folder (default runs/<script>/<database key>/<time>[-<kd>][-paper])")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its args.json and each fold's last checkpoint")
-    g.add_argument("--save-minutes", type=minutes_type, default=5.0,
+    g.add_argument("--save-minutes", type=minutes, default=5.0,
                    help="write the resumable state (resume.pt: model and Adam, ~150 MB for ResNet-18) when this many "
                         "minutes have passed since the last write, and on Ctrl-C or SIGTERM after the epoch in "
                         "progress; 0 = after every epoch (default: 5)")

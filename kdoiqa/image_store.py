@@ -212,7 +212,7 @@ class ImageStore:
     def _streaming_loader(self, plan: list[torch.Tensor]) -> torch.utils.data.DataLoader:
         """--cache none: one DataLoader per store, its workers kept between epochs (persistent), serving
         the batches of the current plan."""
-        if getattr(self, "_loader", None) is None:
+        if self._loader is None:
             self._sampler = _PlanSampler()
             self._loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self._sampler, num_workers=self.data.workers, collate_fn=_collate,

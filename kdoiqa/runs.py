@@ -107,7 +107,6 @@ class Run:
     record: dict = field(default_factory=dict)
     opened: bool = False
     created: bool = False
-    saved: list = field(default_factory=list)   # (bytes, seconds) of each resumable-state write (benchmarks)
 
     @property
     def script(self) -> str:

@@ -404,15 +404,12 @@ def _save_final(run: Run, k: int, state: FoldState, epoch: int, history: list[di
 
 
 def _save_resume_state(run: Run, k: int, state: FoldState, epoch: int) -> None:
-    started = time.perf_counter()
-    path = run.fold_dir(k) / RESUME
     atomic_torch_save({
         "model_config": state.method.config(),
         "modules": {name: cpu_state(net) for name, net in state.method.nets().items()},
         "optimizer": state.optimizer.state_dict(), "grad_scaler": state.grad_scaler.state_dict(),
         "epoch": epoch, "history": jsonable(state.history), "selected": state.selected,
-    }, path)
-    run.saved.append((path.stat().st_size, time.perf_counter() - started))
+    }, run.fold_dir(k) / RESUME)
 
 
 def _summary_writer(run: Run, k: int) -> Any:
