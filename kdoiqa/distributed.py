@@ -19,12 +19,15 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import threading
 import time
 from typing import Any
 
 from kdoiqa.common import UserError
 
 COLLECTIVE_TIMEOUT_ENV = "KDOIQA_COLLECTIVE_TIMEOUT"
+HEARTBEAT_TIMEOUT_ENV = "KDOIQA_HEARTBEAT_TIMEOUT"
+HEARTBEAT_PERIOD = 2.0  # seconds between two signs of life of a process (a thread of its own)
 
 
 def collective_timeout() -> datetime.timedelta:
@@ -37,6 +40,19 @@ def collective_timeout() -> datetime.timedelta:
     except ValueError:
         raise UserError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds") from None
     return datetime.timedelta(seconds=seconds)
+
+
+def heartbeat_timeout() -> float:
+    """Seconds without a sign of life after which a waiting process takes another as dead
+    (KDOIQA_HEARTBEAT_TIMEOUT, default 300)."""
+    raw = os.environ.get(HEARTBEAT_TIMEOUT_ENV, "300")
+    try:
+        seconds = float(raw)
+        if not seconds > 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{HEARTBEAT_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds") from None
+    return seconds
 
 
 def rank_gpu(device_arg: str | None, local_rank: int, local_world: int, gpu_count: int) -> int:
@@ -65,18 +81,24 @@ def processes_per_gpu(local_world: int, gpu_count: int) -> int:
 
 
 def resolve_device(name: str | None):
-    """`--device` as a torch.device; None is cuda when present, else cpu."""
+    """`--device` as a canonical torch.device (`cuda` becomes the current GPU's `cuda:N`); None is
+    the GPU when present, else cpu."""
     import torch
 
+    from kdoiqa.accelerator import ACCELERATOR
+
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return ACCELERATOR.canonical("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return ACCELERATOR.canonical(device)
 
 
 class Distributed:
@@ -89,6 +111,7 @@ class Distributed:
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
         self.mode = "none"  # "batch" (DDP over each step's batch), "folds" (whole folds per rank) or "none"
         self._waits = 0     # how many waits this process has made (every rank makes them in the same order)
+        self._heartbeat: threading.Event | None = None  # set to stop this process's heartbeat thread
 
     @property
     def enabled(self) -> bool:
@@ -113,6 +136,8 @@ class Distributed:
         import torch
         import torch.distributed as dist
 
+        from kdoiqa.accelerator import ACCELERATOR, process_group_backend
+
         device = resolve_device(device_arg)
         if not self.enabled:
             self.mode = "none"
@@ -120,25 +145,58 @@ class Distributed:
         self.mode = mode
         if device.type == "cuda":
             device = torch.device("cuda", rank_gpu(device_arg, self.local_rank, self.local_world,
-                                                   torch.cuda.device_count()))
-            torch.cuda.set_device(device)
+                                                   ACCELERATOR.device_count()))
+            ACCELERATOR.set_device(device)
         if not dist.is_initialized():
             # NCCL needs one GPU per rank; ranks sharing a GPU (fold-parallel) talk over gloo.
-            backend = "nccl" if device.type == "cuda" and self.gpu_sharers(device) == 1 else "gloo"
-            dist.init_process_group(backend, timeout=collective_timeout())
+            backend = process_group_backend(device, self.gpu_sharers(device))
+            # NCCL is told its GPU: its barrier() then needs no guess (and warns about none).
+            extra = {"device_id": device} if backend == "nccl" else {}
+            dist.init_process_group(backend, timeout=collective_timeout(), **extra)
+        self.start_heartbeat()
         return device
 
     def gpu_sharers(self, device) -> int:
         """How many processes of this launch use `device` (1 for a CPU or without torchrun)."""
         if device.type != "cuda" or not self.enabled:
             return 1
-        import torch
+        from kdoiqa.accelerator import ACCELERATOR
 
-        return processes_per_gpu(self.local_world, torch.cuda.device_count())
+        return processes_per_gpu(self.local_world, ACCELERATOR.device_count())
+
+    def start_heartbeat(self) -> None:
+        """Start this process's sign of life: a thread adding 1 to its counter in the rendezvous store
+        every HEARTBEAT_PERIOD seconds, however busy the training is. A process waiting for the others
+        reads their counters: one that stops moving is a dead process (srun, mpirun and hand-made
+        launches have no agent that ends the job when one process dies, as torchrun's does)."""
+        if not self.enabled or self._heartbeat is not None:
+            return
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        key = f"kdoiqa/alive/{self.rank}"
+        store.add(key, 1)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_PERIOD):
+                try:
+                    store.add(key, 1)
+                except Exception:  # the store is gone: the job is ending
+                    return
+
+        threading.Thread(target=beat, name="kdoiqa-heartbeat", daemon=True).start()
+        self._heartbeat = stop
+
+    def stop_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.set()
+            self._heartbeat = None
 
     def wait_for_all(self) -> None:
         """Return once every rank has reached its matching call: a wait for the others' work, with no
-        time limit (it polls the rendezvous store, so no collective time-out applies to it)."""
+        time limit (it polls the rendezvous store, so no collective time-out applies to it). A process
+        whose heartbeat has not moved for KDOIQA_HEARTBEAT_TIMEOUT seconds ends the wait: one line names it."""
         if not self.enabled:
             return
         from torch.distributed import distributed_c10d
@@ -146,16 +204,38 @@ class Distributed:
         store = distributed_c10d._get_default_store()
         self._waits += 1
         key = f"kdoiqa/wait/{self._waits}"
-        store.add(key, 1)
-        delay = 0.005
-        while store.add(key, 0) < self.world:
-            time.sleep(delay)
-            delay = min(2 * delay, 0.5)
+        limit = heartbeat_timeout()
+        seen: dict[int, tuple[int, float]] = {}
+        try:
+            store.add(key, 1)
+            delay, checked = 0.005, time.monotonic()
+            while store.add(key, 0) < self.world:
+                time.sleep(delay)
+                delay = min(2 * delay, 0.5)
+                if time.monotonic() - checked >= HEARTBEAT_PERIOD:
+                    checked = time.monotonic()
+                    self._check_alive(store, seen, limit)
+        except (RuntimeError, OSError):  # the store's host (rank 0) is gone
+            raise UserError(f"process {self.rank}: lost the rendezvous store while waiting for the other processes "
+                            f"(process 0, which holds it, has probably died: see its output)") from None
         # Every rank has arrived; this short barrier keeps any rank (rank 0 may host the store) from
         # leaving before the others have seen that.
         import torch.distributed as dist
 
         dist.barrier()
+
+    def _check_alive(self, store: Any, seen: dict[int, tuple[int, float]], limit: float) -> None:
+        now = time.monotonic()
+        for rank in range(self.world):
+            if rank == self.rank:
+                continue
+            count = int(store.add(f"kdoiqa/alive/{rank}", 0))
+            if rank not in seen or seen[rank][0] != count:
+                seen[rank] = (count, now)
+            elif now - seen[rank][1] > limit:
+                raise UserError(f"process {rank} of {self.world} has given no sign of life for {limit:.0f} s "
+                                f"({HEARTBEAT_TIMEOUT_ENV}): it has died or hangs; process {self.rank} stops "
+                                f"(see process {rank}'s output, then --resume)")
 
     def barrier(self) -> None:
         """Every rank waits for the others (without a time limit: see wait_for_all)."""

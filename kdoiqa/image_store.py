@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from kdoiqa.accelerator import ACCELERATOR
 from kdoiqa.common import UserError
 from kdoiqa.databases import Database
 from kdoiqa.distributed import DIST
@@ -78,11 +79,11 @@ class ImageStore:
 
     def __init__(self, db: Database, images: Sequence[str], view: str, data: DataSettings, device: torch.device, *,
                  progress: bool = True) -> None:
-        self.db, self.view, self.data, self.device = db, view, data, device
+        self.db, self.view, self.data, self.device = db, view, data, ACCELERATOR.canonical(device)
         self.images = list(dict.fromkeys(images))
         self.row = {name: i for i, name in enumerate(self.images)}
         self.mos = torch.from_numpy(db.scores(self.images).astype(np.float32))
-        self.mos_on_device = self.mos.to(device)
+        self.mos_on_device = self.mos.to(self.device)
         self.features: torch.Tensor | None = None
         self._loader = None
         self.dataset = ImageDataset(db, self.images, view, erp_size=data.erp_size, face_size=data.face_size,
@@ -99,11 +100,11 @@ class ImageStore:
                     pixels: torch.Tensor) -> ImageStore:
         """A store over pixels already in memory ([N, ...] uint8 in `db.images` order): benchmarks, tests."""
         store = cls.__new__(cls)
-        store.db, store.view, store.data, store.device = db, view, data, device
+        store.db, store.view, store.data, store.device = db, view, data, ACCELERATOR.canonical(device)
         store.images = list(db.images)
         store.row = {name: i for i, name in enumerate(store.images)}
         store.mos = torch.from_numpy(db.scores(store.images).astype(np.float32))
-        store.mos_on_device = store.mos.to(device)
+        store.mos_on_device = store.mos.to(store.device)
         store.features, store.dataset, store.mode, store.pixels, store._loader = None, None, "cpu", pixels, None
         return store
 
@@ -117,9 +118,10 @@ class ImageStore:
     # -- filling the cache ---------------------------------------------------------------------
     def _choose_cache(self, request: str, progress: bool) -> str:
         nbytes = len(self.images) * int(np.prod(pixel_shape(self.view, self.data)))
-        gpu_free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" and request == "auto" else 0
+        accelerated = ACCELERATOR.takes(self.device)
+        gpu_free = ACCELERATOR.free_memory(self.device) if accelerated and request == "auto" else 0
         local = DIST.local_world if DIST.enabled else 1
-        mode, reason = choose_cache(request, nbytes, self.device.type, gpu_free=gpu_free,
+        mode, reason = choose_cache(request, nbytes, "cuda" if accelerated else self.device.type, gpu_free=gpu_free,
                                     gpu_sharers=DIST.gpu_sharers(self.device), ram=available_ram(), ram_sharers=local)
         if progress:
             print(f"pixel cache: {mode} ({len(self.images)} images, {self.view}, {nbytes / 2**30:.2f} GiB uint8)"
@@ -141,14 +143,14 @@ class ImageStore:
         # Faces not on disk: the workers decode the original ERPs and the faces are projected on the device.
         source = ImageDataset(self.db, self.images, "erp_native") if online else self.dataset
         loader = torch.utils.data.DataLoader(source, batch_size=1 if online else 8, num_workers=self.data.workers,
-                                             collate_fn=_collate)
+                                             collate_fn=_collate, worker_init_fn=_worker_init)
         desc = f"decode {self.view}" + (f" (cube faces on {self.device.type})" if online else "")
         with tqdm(total=len(self.images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
             for batch in loader:
                 chunk = batch["pixels"]
                 if online:
                     chunk = project_faces(chunk.to(self.device), self.data.face_size, self.data.face_jpeg_quality)
-                pixels[batch["index"].to(target)] = chunk.to(target)
+                pixels[batch["index"].to(target)] = ACCELERATOR.to_device(chunk, target)
                 bar.update(len(batch["index"]))
         return pixels
 
@@ -194,20 +196,25 @@ class ImageStore:
         on_device = self._to_device(torch.cat([idx for idx, _ in plan])).split([len(idx) for idx, _ in plan])
         if self.pixels is not None:
             for (idx, weight), dev_idx in zip(plan, on_device):
-                if self.pixels.device == self.device:
-                    pixels = self.pixels[dev_idx]
-                else:  # the CPU cache: gathered on the host, pinned so that the copy overlaps the GPU's work
-                    pixels = self._to_device(self.pixels[idx])
+                # The branch is the cache's mode, never a comparison of devices (cuda != cuda:0).
+                pixels = self.pixels[dev_idx] if self.mode == "gpu" else self._gather_to_device(idx)
                 yield self._batch(idx, dev_idx, pixels, weight)
             return
         loader = self._streaming_loader([idx for idx, _ in plan])
         for (idx, weight), dev_idx, batch in zip(plan, on_device, loader):
-            yield self._batch(idx, dev_idx, batch["pixels"].to(self.device, non_blocking=True), weight)
+            yield self._batch(idx, dev_idx, self._to_device(batch["pixels"]), weight)
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        return ACCELERATOR.to_device(tensor, self.device)
+
+    def _gather_to_device(self, rows: torch.Tensor) -> torch.Tensor:
+        """The CPU cache's rows on the training device: gathered straight into a pinned host buffer (one
+        host copy), whose copy to the GPU then overlaps the GPU's work; on a CPU run, the gather alone."""
+        if not ACCELERATOR.takes(self.device):
+            return self.pixels[rows]
+        buffer = ACCELERATOR.empty_pinned((len(rows), *self.pixels.shape[1:]), self.pixels.dtype, self.device)
+        torch.index_select(self.pixels, 0, rows, out=buffer)
+        return ACCELERATOR.to_device(buffer, self.device)
 
     def _streaming_loader(self, plan: list[torch.Tensor]) -> torch.utils.data.DataLoader:
         """--cache none: one DataLoader per store, its workers kept between epochs (persistent), serving
@@ -216,7 +223,8 @@ class ImageStore:
             self._sampler = _PlanSampler()
             self._loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=self._sampler, num_workers=self.data.workers, collate_fn=_collate,
-                pin_memory=self.device.type == "cuda", persistent_workers=self.data.workers > 0)
+                pin_memory=ACCELERATOR.loader_pins(self.device), persistent_workers=self.data.workers > 0,
+                worker_init_fn=_worker_init)
         self._sampler.plan = [idx.tolist() for idx in plan]
         return self._loader
 
@@ -226,6 +234,17 @@ class ImageStore:
         if self.features is not None:
             batch["teacher_feature"] = self.features[dev_idx]
         return batch
+
+
+def _worker_init(worker_id: int) -> None:
+    """A data-loading worker ignores Ctrl-C and SIGTERM: the training process holds them back until its
+    epoch's state is saved (common.deferred_interrupts) and then ends its workers itself. Forked workers
+    inherit that handler; spawned and forkserver ones (Python 3.14's default on Linux) would otherwise
+    die at the first Ctrl-C of the terminal's process group and end the epoch in a DataLoader error."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _PlanSampler:

@@ -75,6 +75,14 @@ class Method(nn.Module):
     def param_groups(self, optim: OptimSettings) -> list[dict]:
         return [{"params": list(self.model.parameters()), "lr": optim.lr}]
 
+    def nets_in_use(self, epoch: int) -> tuple[str, ...]:
+        """The networks (`nets()` names) whose parameters the loss of `epoch` reaches."""
+        return ("model",)
+
+    def phases_nets(self) -> list[tuple[str, ...]]:
+        """Every set of networks some epoch uses (one DDP wrapper each under --parallel batch)."""
+        return [("model",)]
+
     def init_head(self, mean_target: float) -> None:
         """--head-init mean: start the head's bias at the mean training target (the same optimum,
         reached without the first epochs of climbing to the score range); default: PyTorch's."""
@@ -140,6 +148,12 @@ class StudentMethod(Method):
         if self.policy is not None:
             groups.append({"params": list(self.policy.parameters()), "lr": optim.lr * self.distill.policy_lr_scale})
         return groups
+
+    def nets_in_use(self, epoch: int) -> tuple[str, ...]:
+        return ("model", "policy") if self.policy is not None and self.phase(epoch) == "mask" else ("model",)
+
+    def phases_nets(self) -> list[tuple[str, ...]]:
+        return [("model",), ("model", "policy")] if self.policy is not None else [("model",)]
 
     def phase(self, epoch: int) -> str:
         d = self.distill

@@ -10,6 +10,7 @@ outputs, checkpoint.pt). One decoded pixel cache serves every fold of the run.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from kdoiqa import engine, metrics
+from kdoiqa.accelerator import ACCELERATOR
 from kdoiqa.checkpoints import CHECKPOINT, RESUME, cpu_state, load_checkpoint, load_resume_state, save_checkpoint
 from kdoiqa.common import UserError, atomic_torch_save, deferred_interrupts, interrupt_pending, jsonable, seed_everything
 from kdoiqa.databases import Database, database_key
@@ -47,9 +49,6 @@ def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None
         raise UserError(f"--fold {run_cfg.fold} is out of range: the fold file has folds 0..{len(folds) - 1}")
     fold_ids = [run_cfg.fold] if run_cfg.fold is not None else list(range(len(folds)))
     mode = "batch" if runtime.parallel == "batch" else "folds"
-    if runtime.deterministic:
-        # cuBLAS reads this when CUDA creates its handle: it must be set before any CUDA work.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = DIST.init(runtime.device, mode)
     if DIST.data_parallel and settings.optim.batch_size < DIST.world:
         raise UserError(f"--batch-size {settings.optim.batch_size} is smaller than the {DIST.world} processes of "
@@ -57,7 +56,6 @@ def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None
     name = DIST.gather_objects(run_name(settings))[0]  # rank 0's clock names the run on every rank
     run_dir = Path(run_cfg.out) if run_cfg.out else Path("runs") / settings.script / (run_key or database_key(db)) / name
     check_run_dir(run_dir, resume=run_cfg.resume)
-    apply_precision(runtime.tf32, runtime.deterministic, device)
     amp = engine.resolve_amp(runtime.amp, device)
     record = run_record(settings, db, folds, device, test_db)
     record["amp_used"] = amp
@@ -68,7 +66,7 @@ def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None
               f"{folds.path or folds.source}, run folder {run_dir}{world}", flush=True)
         print(f"device {device}, precision {AMP_NAMES[amp]}"
               + (f" (--amp {runtime.amp})" if runtime.amp == "auto" else "")
-              + (", TF32 on" if device.type == "cuda" and runtime.tf32 and amp == "none" else "")
+              + (", TF32 on" if ACCELERATOR.takes(device) and runtime.tf32 and amp == "none" else "")
               + (", deterministic algorithms" if runtime.deterministic else ""), flush=True)
         print(f"protocol {protocol_note(settings.protocol, settings.eval.select_metric, teacher=settings.distill is None)}",
               flush=True)
@@ -89,17 +87,35 @@ AMP_NAMES = {"none": "fp32", "bf16": "bf16 autocast (head and projector fp32)",
              "fp16": "fp16 autocast with loss scaling (head and projector fp32)"}
 
 
-def apply_precision(tf32: bool, deterministic: bool, device: torch.device) -> None:
-    """TF32 and determinism switches of a run. `--deterministic`: PyTorch refuses any operation without a
-    deterministic implementation (no warn-only), cuDNN without autotuning; the backbone's global pool is
-    then a mean with a deterministic CUDA backward (models/backbone.py)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = deterministic
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
+@contextlib.contextmanager
+def precision(tf32: bool, deterministic: bool, device: torch.device):
+    """The TF32 and determinism switches of a run, for the block's duration only: every switch (and
+    CUBLAS_WORKSPACE_CONFIG) is restored afterwards, so that a later run or an API user in the same
+    process is not made deterministic or TF32 by this one. `--deterministic`: PyTorch refuses any
+    operation without a deterministic implementation (no warn-only), cuDNN without autotuning; the
+    backbone's global pool is then a mean with a deterministic CUDA backward (models/backbone.py)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32, cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    try:
+        if ACCELERATOR.takes(device):
+            cudnn.benchmark = not deterministic
+            cudnn.deterministic = deterministic
+            matmul.allow_tf32 = tf32
+            cudnn.allow_tf32 = tf32
+        if deterministic:
+            # cuBLAS's deterministic workspace; PyTorch checks it at each cuBLAS call under determinism.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic, matmul.allow_tf32, cudnn.allow_tf32 = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+        if saved[6] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[6]
 
 
 def train_folds(run: Run, build_method: Callable[[int, FoldSplit], Method], *,
@@ -110,16 +126,10 @@ def train_folds(run: Run, build_method: Callable[[int, FoldSplit], Method], *,
     results = []
     if run.settings.optim.seeding == "once":
         seed_everything(run.settings.optim.seed)
+    runtime = run.settings.runtime
     try:
-        for k in DIST.my_folds(run.fold_ids):
-            if run.settings.optim.seeding == "per-fold":
-                seed_everything(run.settings.optim.seed + k)
-            method = build_method(k, run.folds.folds[k])
-            store = _store(run, stores, run.db, method.view)
-            if features_for_fold is not None:
-                store.set_features(features_for_fold(k))
-            test_store = store if run.test_db is None else _store(run, stores, run.test_db, method.view)
-            results.append(train_fold(run, k, method, store, test_store))
+        with precision(runtime.tf32, runtime.deterministic, run.device):
+            results = _train_my_folds(run, build_method, stores, features_for_fold)
     except BaseException:
         run.discard_if_unstarted()
         raise
@@ -128,6 +138,21 @@ def train_folds(run: Run, build_method: Callable[[int, FoldSplit], Method], *,
         finish_run(run, every)
     DIST.barrier()
     return sorted(every, key=lambda r: r.fold)
+
+
+def _train_my_folds(run: Run, build_method: Callable[[int, FoldSplit], Method], stores: dict,
+                    features_for_fold: Callable[[int], dict[str, torch.Tensor]] | None) -> list[FoldResult]:
+    results = []
+    for k in DIST.my_folds(run.fold_ids):
+        if run.settings.optim.seeding == "per-fold":
+            seed_everything(run.settings.optim.seed + k)
+        method = build_method(k, run.folds.folds[k])
+        store = _store(run, stores, run.db, method.view)
+        if features_for_fold is not None:
+            store.set_features(features_for_fold(k))
+        test_store = store if run.test_db is None else _store(run, stores, run.test_db, method.view)
+        results.append(train_fold(run, k, method, store, test_store))
+    return results
 
 
 def _store(run: Run, stores: dict, db: Database, view: str) -> ImageStore:
@@ -144,7 +169,7 @@ def _store(run: Run, stores: dict, db: Database, view: str) -> ImageStore:
 @dataclass
 class FoldState:
     method: Method
-    step: torch.nn.Module                 # the method, or its DDP / compiled wrapper
+    step: dict[tuple[str, ...], torch.nn.Module]  # per set of networks in use: the method, or its DDP / compiled wrapper
     optimizer: torch.optim.Optimizer
     grad_scaler: torch.amp.GradScaler
     autocast: Callable
@@ -180,14 +205,14 @@ def setup_fold(run: Run, k: int, method: Method, train_images: Sequence[str]) ->
     resumable state of an interrupted one, or a fresh start (the head initialised)."""
     settings, device = run.settings, run.device
     prepare_model(method, device)
-    optimizer = engine.build_optimizer(method, settings.optim)
+    optimizer = engine.build_optimizer(method, settings.optim, device)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     amp = engine.resolve_amp(settings.runtime.amp, device)
-    grad_scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
+    grad_scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and ACCELERATOR.takes(device))
     method.use_grad_scaler(grad_scaler)
     scale = TargetScale.of(settings.optim.target_scale, run.db.score_range)
-    state = FoldState(method, method, optimizer, grad_scaler, engine.autocast_for(amp, device), scale)
+    state = FoldState(method, {}, optimizer, grad_scaler, engine.autocast_for(amp, device), scale)
     fold_dir = run.fold_dir(k)
     if run.writes_fold(k):
         fold_dir.mkdir(parents=True, exist_ok=True)
@@ -210,19 +235,40 @@ def setup_fold(run: Run, k: int, method: Method, train_images: Sequence[str]) ->
     return state
 
 
-def _wrap(method: Method, settings: TrainingSettings, device: torch.device) -> torch.nn.Module:
-    """The module each training step calls: DDP over the method under --parallel batch, compiled with --compile."""
-    step: torch.nn.Module = method
-    if DIST.data_parallel:
-        if settings.runtime.sync_bn:
-            torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        step = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=any(name != "model" for name in method.nets()))  # the policy idles before its phase
-        step.register_comm_hook(None, sum_gradients)
-    if settings.runtime.compile and device.type == "cuda":
-        step = torch.compile(step)
-    return step
+class _NetsInUse(torch.nn.Module):
+    """The method seen through the networks one phase uses (DDP then wraps exactly the parameters that
+    receive gradients, with no search for unused ones): e.g. the student before its mask phase, whose
+    policy net idles. The forward is the method's own."""
+
+    def __init__(self, method: Method, names: tuple[str, ...]) -> None:
+        super().__init__()
+        object.__setattr__(self, "method", method)  # not registered: its idle networks stay outside
+        for name in names:
+            self.add_module(name, method.nets()[name])
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.method(*args, **kwargs)
+
+
+def _wrap(method: Method, settings: TrainingSettings, device: torch.device) -> dict[tuple[str, ...], torch.nn.Module]:
+    """The module each training step calls, per set of networks in use (`Method.nets_in_use`): the method,
+    or under --parallel batch a DistributedDataParallel over just the networks that phase trains (no
+    `find_unused_parameters`, which would search the graph and copy a flag to the host every step);
+    compiled with --compile."""
+    if DIST.data_parallel and settings.runtime.sync_bn:
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    steps: dict[tuple[str, ...], torch.nn.Module] = {}
+    for names in method.phases_nets():
+        step: torch.nn.Module = method
+        if DIST.data_parallel:
+            inner = method if set(names) == set(method.nets()) else _NetsInUse(method, names)
+            step = torch.nn.parallel.DistributedDataParallel(
+                inner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+            step.register_comm_hook(None, sum_gradients)
+        if settings.runtime.compile and ACCELERATOR.takes(device):
+            step = torch.compile(step)
+        steps[names] = step
+    return steps
 
 
 def _check_same_model(ckpt: dict, method: Method, path: Path) -> dict:
@@ -262,7 +308,8 @@ def train_epochs(run: Run, k: int, state: FoldState, store: ImageStore, test_sto
             factor = engine.lr_factor(settings.optim.lr_schedule, epoch, epochs)
             for group in state.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
-            scalars = engine.train_one_epoch(state.method, state.step, store, train_images, state.optimizer,
+            step = state.step[state.method.nets_in_use(epoch)]
+            scalars = engine.train_one_epoch(state.method, step, store, train_images, state.optimizer,
                                              state.grad_scaler, state.autocast, state.scale, settings.optim.batch_size,
                                              epoch, engine.epoch_generator(settings.optim.seed, k, epoch))
             # Under --parallel batch every rank stops at the same epoch: a non-finite loss or a Ctrl-C on any.

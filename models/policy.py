@@ -62,9 +62,12 @@ class PolicyNet(nn.Module):
         self.grad_scale: Callable[[], torch.Tensor | None] | None = None  # fp16 training's loss scale (BinarizeSTE)
 
     def probabilities(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-        """Sigmoid outputs before thresholding, [B, feature_dim]."""
-        x = torch.cat([f_s.detach(), f_t], dim=-1)
-        return torch.sigmoid(self.fc2(self.fc1(x)))
+        """Sigmoid outputs before thresholding, [B, feature_dim], in fp32 even under autocast: the mask's
+        straight-through gradient is clamped to the loss scale, and GradScaler's first scale (65536) is
+        fp16's infinity. (Two small Linear layers: fp32 costs nothing measurable.)"""
+        x = torch.cat([f_s.detach(), f_t], dim=-1).float()
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sigmoid(self.fc2(self.fc1(x)))
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         """Binary mask [B, feature_dim] (values exactly 0 or 1) from f_s, f_t [B, feature_dim]."""

@@ -2,6 +2,7 @@
 fp32 scores and features under bf16, --amp auto, and --deterministic (CPU autocast stands in for CUDA's)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -64,6 +65,29 @@ def test_loss_scaling_does_not_change_the_mask_gradient():
     assert fp16.norm() / reference.norm() > 0.9
 
 
+def test_fp16_clamp_at_the_default_loss_scale_is_finite():
+    """GradScaler starts at 65536, which is fp16's infinity: the clamp's bound and the straight-through
+    gradient are computed in fp32 (the policy runs in fp32 under autocast), so the first step's policy
+    gradient is finite and the step is not skipped."""
+    method, pixels, target, teacher = _student_and_batch()
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    reference = _policy_gradient(method, pixels, target, teacher)
+    method.load_state_dict(state)
+    scaler = torch.amp.GradScaler("cpu")  # the default init_scale, 2**16
+    assert scaler.get_scale() == 2.0**16
+    fp16 = _policy_gradient(method, pixels, target, teacher, scaler=scaler,
+                            autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    assert torch.isfinite(fp16).all()
+    assert F.cosine_similarity(fp16, reference, dim=0) > 0.99
+    # The clamp itself at that scale: an overflowed upstream gradient becomes the bound, not inf.
+    from models.policy import binarize
+
+    probs = torch.full((3,), 0.7, requires_grad=True)
+    bound = torch.tensor(2.0**16)
+    binarize(probs, lambda: bound).backward(torch.tensor([float("inf"), -1e30, 5.0]))
+    assert probs.grad.tolist() == [2.0**16, -(2.0**16), 5.0]
+
+
 def test_the_loss_scale_is_read_from_the_scaler_without_a_host_sync():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     scaler.scale(torch.ones(()))
@@ -98,21 +122,78 @@ def test_amp_auto_is_bf16_only_on_gpus_that_compute_it_natively(monkeypatch):
     assert engine.resolve_amp("fp16", gpu) == "fp16"
 
 
-def test_deterministic_run_sets_cublas_workspace_and_strict_algorithms(tiny_db, tmp_path, monkeypatch, capsys):
+def test_deterministic_run_is_strict_inside_and_leaves_no_trace(tiny_db, tmp_path, monkeypatch, capsys):
+    """--deterministic holds during the run (strict algorithms, cuBLAS workspace) and is undone after it:
+    a later run, or an API user, in the same process is not deterministic."""
     import teacher_train
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        teacher_train.main(["--database", str(tiny_db), "--folds", "2", "--fold", "0", "--epochs", "1",
-                            "--no-pretrained", "--face-size", "32", "--workers", "0", "--no-progress",
-                            "--deterministic", "--out", str(tmp_path / "run")])
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        assert torch.are_deterministic_algorithms_enabled()
-        assert not torch.is_deterministic_algorithms_warn_only_enabled()
-    finally:
-        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    seen = []
+    real = engine.train_one_epoch
+
+    def recording(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                     os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", recording)
+    assert not torch.are_deterministic_algorithms_enabled()
+    common = ["--database", str(tiny_db), "--folds", "2", "--fold", "0", "--epochs", "1", "--no-pretrained",
+              "--face-size", "32", "--workers", "0", "--no-progress"]
+    teacher_train.main([*common, "--deterministic", "--out", str(tmp_path / "run")])
+    assert seen == [(True, False, ":4096:8")]
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert "precision fp32 (--amp auto), deterministic algorithms" in capsys.readouterr().out
+    teacher_train.main([*common, "--out", str(tmp_path / "later")])
+    assert seen[1] == (False, False, None)
+
+
+def test_fused_adam_step_equals_the_plain_one():
+    """The accelerator's optimiser (fused Adam) against the plain one: one step, equal to rounding (the
+    step moves weights by ~2e-4, the lr; the two differ by < 1e-6)."""
+    from kdoiqa.accelerator import ACCELERATOR
+    from kdoiqa.settings import OptimSettings
+
+    method, pixels, target, teacher = _student_and_batch()
+    start = {k: v.clone() for k, v in method.state_dict().items()}
+    after = []
+    for accelerated in (False, True):
+        method.load_state_dict(start)
+        with ACCELERATOR.simulated() if accelerated else contextlib.nullcontext():
+            optimizer = engine.build_optimizer(method, OptimSettings(), torch.device("cpu"))
+        assert bool(optimizer.defaults.get("fused")) == accelerated
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = method(pixels, target, teacher, epoch=5)
+        loss.backward()
+        optimizer.step()
+        after.append({k: v.clone() for k, v in method.state_dict().items()})
+    moved = max(float((after[0][k].float() - start[k].float()).abs().max()) for k in start)
+    assert moved > 1e-5
+    for name in start:
+        torch.testing.assert_close(after[1][name], after[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fp16_steps_with_fused_adam_read_nothing_on_the_host(monkeypatch):
+    """Under fp16 loss scaling, plain Adam makes the GradScaler read its overflow flag on the host every
+    step (`.item()`); fused Adam takes it on the device: no `.item()` in a step."""
+    from kdoiqa.accelerator import ACCELERATOR
+    from kdoiqa.settings import OptimSettings
+
+    method, pixels, target, teacher = _student_and_batch()
+    with ACCELERATOR.simulated():
+        optimizer = engine.build_optimizer(method, OptimSettings(), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu")
+    method.use_grad_scaler(scaler)
+    autocast = engine.autocast_for("fp16", torch.device("cpu"))
+    engine.train_step(method, optimizer, scaler, autocast, {"pixels": pixels, "teacher_feature": teacher, "weight": 1.0},
+                      target, 5)  # the first step sets up the scaler's state
+    calls = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or real_item(self))
+    engine.train_step(method, optimizer, scaler, autocast, {"pixels": pixels, "teacher_feature": teacher, "weight": 1.0},
+                      target, 5)
+    assert calls == []
 
 
 def test_global_pool_under_determinism_is_the_same_pool():
