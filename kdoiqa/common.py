@@ -135,7 +135,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     file is in place (torch's zip writer would turn it into a RuntimeError and a torn temporary)."""
     import torch
 
-    with deferred_interrupts():
+    with deferred_interrupts(), _saving():
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as tmp_handle:
                 torch.save(obj, tmp_handle)
@@ -150,6 +150,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 class _Deferral:
     depth = 0            # nested deferred_interrupts blocks
+    saving = 0           # nested _saving blocks: every signal is held, a second one too
     pending = False      # a signal arrived and is held back
     forced = False       # a second signal arrived: raised at once
     message = ""
@@ -160,11 +161,31 @@ _DEFERRAL = _Deferral()
 
 
 def _hold_signal(signum: int, frame: Any) -> None:
+    import signal
+
+    if _DEFERRAL.pending and (_DEFERRAL.saving or signum == signal.SIGTERM):
+        # Only a second Ctrl-C stops at once. A scheduler signals every process (scancel, a kill of the
+        # process group) and torchrun signals the rest again once one has exited: a repeated SIGTERM
+        # waits for the epoch's state like the first (SIGKILL follows after the scheduler's grace
+        # period), and no second signal tears a file being written.
+        print("\nalready stopping: once the epoch's state is saved", file=sys.stderr, flush=True)
+        return
     if _DEFERRAL.pending:
         _DEFERRAL.forced = True
         raise KeyboardInterrupt
     _DEFERRAL.pending = True
     print(f"\n{_DEFERRAL.message} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _saving() -> Iterator[None]:
+    """Within a deferred_interrupts block: a file that must not be torn is being written; every signal
+    (a second one too) waits until it is complete (SIGKILL alone cannot be held)."""
+    _DEFERRAL.saving += 1
+    try:
+        yield
+    finally:
+        _DEFERRAL.saving -= 1
 
 
 def interrupt_pending() -> bool:
@@ -175,8 +196,8 @@ def interrupt_pending() -> bool:
 @contextlib.contextmanager
 def deferred_interrupts(message: str = "stopping once the file being written is complete") -> Iterator[None]:
     """Within the block, a first Ctrl-C (SIGINT) or SIGTERM only sets `interrupt_pending()` and prints
-    `message`; it is raised as KeyboardInterrupt when the outermost block ends. A second one raises at
-    once. Blocks nest (the outermost one's message is printed); outside the main thread it does nothing."""
+    `message`; it is raised as KeyboardInterrupt when the outermost block ends. A second Ctrl-C raises
+    at once, except while a file is being written (`atomic_torch_save`); a second SIGTERM never does. Blocks nest (the outermost one's message is printed); outside the main thread it does nothing."""
     import signal
     import threading
 

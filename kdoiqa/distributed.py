@@ -237,6 +237,28 @@ class Distributed:
                                 f"({HEARTBEAT_TIMEOUT_ENV}): it has died or hangs; process {self.rank} stops "
                                 f"(see process {rank}'s output, then --resume)")
 
+    def stop_together(self, limit: float | None) -> None:
+        """Before this process stops on a Ctrl-C or SIGTERM (its state saved): wait until every process
+        has got here, or `limit` seconds (None: no limit), so that none exits while another is still
+        writing its state. (torchrun signals the remaining processes again once one has exited, and
+        kills them 30 s later.) Under --parallel batch every process stops after the same epoch, so the
+        others wait for rank 0's save; under --parallel folds each stops after its own epoch."""
+        if not self.enabled:
+            return
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        key, started, seen = "kdoiqa/stopping", time.monotonic(), {}
+        store.add(key, 1)
+        checked = started
+        while store.add(key, 0) < self.world:
+            if limit is not None and time.monotonic() - started > limit:
+                return
+            time.sleep(0.05)
+            if time.monotonic() - checked >= HEARTBEAT_PERIOD:
+                checked = time.monotonic()
+                self._check_alive(store, seen, heartbeat_timeout())
+
     def barrier(self) -> None:
         """Every rank waits for the others (without a time limit: see wait_for_all)."""
         self.wait_for_all()

@@ -204,7 +204,7 @@ def setup_fold(run: Run, k: int, method: Method, train_images: Sequence[str]) ->
     """The networks on the device, Adam and the GradScaler; then either the finished fold's model, the
     resumable state of an interrupted one, or a fresh start (the head initialised)."""
     settings, device = run.settings, run.device
-    prepare_model(method, device)
+    prepare_model(method, device, channels_last=ACCELERATOR.takes(device))
     optimizer = engine.build_optimizer(method, settings.optim, device)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
@@ -332,11 +332,24 @@ def train_epochs(run: Run, k: int, state: FoldState, store: ImageStore, test_sto
                     _save_resume_state(run, k, state, epoch)
                     last_save = time.monotonic()
             bar.set_postfix(loss=f"{record['train_loss']:.4g}", srcc=f"{record.get('test_srcc', float('nan')):.3f}")
+            if not run.progress and (DIST.is_main or DIST.mode == "folds"):
+                print(_epoch_line(k, epoch, epochs, record), flush=True)
             if stop:
+                DIST.stop_together(None if DIST.data_parallel else STOP_WAIT_SECONDS)
                 raise KeyboardInterrupt
     bar.close()
     if writer is not None:
         writer.close()
+
+
+STOP_WAIT_SECONDS = 20.0  # --parallel folds: how long a stopping process waits for the others' saves
+
+
+def _epoch_line(k: int, epoch: int, epochs: int, record: dict) -> str:
+    """The one line per epoch printed under --no-progress (a sign of life without progress bars)."""
+    test = f", test SRCC {record['test_srcc']:.3f}" if "test_srcc" in record else ""
+    return (f"fold {k} epoch {epoch}/{epochs}: loss {record['train_loss']:.4g}{test} "
+            f"({record['epoch_seconds']:.1f} s)")
 
 
 def _save_due(run_cfg, epoch: int, last_save: float) -> bool:

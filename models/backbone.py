@@ -211,9 +211,10 @@ def fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return layer(x.float())
 
 
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` on `device`; on CUDA in the channels_last layout (the backbone puts its input in it too)."""
+def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool | None = None) -> nn.Module:
+    """`model` on `device`, in the channels_last layout (the backbone puts its input in it too) when
+    `channels_last` says so: by default on CUDA, where cuDNN's convolutions are fastest in it."""
     model.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" if channels_last is None else channels_last:
         model.to(memory_format=torch.channels_last)
     return model
