@@ -265,8 +265,10 @@ def eval_parser() -> argparse.ArgumentParser:
                         "own rule: teacher srcc+plcc, student srcc, cross-database teacher abs-srcc+abs-plcc, "
                         "cross-database student abs-srcc)")
     g.add_argument("--val-fraction", type=float, default=0.15, help="share of training contents held out by --select val")
-    g.add_argument("--fit", choices=("logistic4", "logistic5", "none"), default="logistic4",
-                   help="mapping fitted before PLCC/RMSE (paper: the 4-parameter logistic)")
+    g.add_argument("--fit", choices=("logistic4", "logistic5", "paper", "none"), default=None,
+                   help="mapping fitted before PLCC/RMSE: logistic4 (the paper's 4-parameter logistic, with a line "
+                        "instead when it fails or turns into a step), logistic5, paper (the paper's fit_function "
+                        f"exactly: one curve_fit, used as it comes), none {by_protocol('fit')}")
     g.add_argument("--eval-every", type=positive, default=1, help="evaluate every N epochs (the last epoch always)")
     return p
 

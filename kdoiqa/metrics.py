@@ -4,8 +4,10 @@ The paper's conventions, made robust: SRCC (Spearman) and KRCC (Kendall tau-b) o
 predictions; PLCC and RMSE after a mapping fitted on the same data (by default the paper's
 ``b2 + (b1 - b2) / (1 + exp(-(x - b3) / |b4|))`` from ``[max y, min y, mean x, 0.5]``). The fit
 never raises for finite input: a failed, degenerate (step-like) or worse-than-linear fit falls
-back to a linear one and says why (``FitResult.fallback``). A model regresses its training
-database's own score (MOS or DMOS), so a good model correlates positively with it; only when it
+back to a linear one and says why (``FitResult.fallback``). ``fit="paper"`` is instead the paper's
+``fit_function`` exactly (one ``curve_fit`` from its start with its ``maxfev``, used as it comes, a
+step included); only when that call raises is the default fit used, and said. A model regresses its
+training database's own score (MOS or DMOS), so a good model correlates positively with it; only when it
 is scored on a database whose score runs the other way (cross-database, ``train_higher_is_better``)
 are the metrics taken against the negated test score (``sign_flipped``). Fold summaries append
 mean, sample standard deviation (ddof=1) and median rows.
@@ -26,9 +28,10 @@ from kdoiqa.common import UserError
 
 METRIC_KEYS: tuple[str, ...] = ("srcc", "krcc", "plcc", "rmse")
 SUMMARY_LABELS: tuple[str, ...] = ("mean", "std", "median")
-FIT_KINDS: tuple[str, ...] = ("logistic4", "logistic5", "none")
+FIT_KINDS: tuple[str, ...] = ("logistic4", "logistic5", "paper", "none")
 MIN_FIT_POINTS = 5      # fewer points than this: no nonlinear fit, a straight line instead
 _MAXFEV = 20000
+PAPER_MAXFEV = 100000000  # the paper's fit_function: curve_fit(..., maxfev=100000000)
 # A nonlinear fit is kept unless its RMSE exceeds the linear fit's by more than this fraction
 # (near-linear data make the two agree to rounding; a stuck fit is worse by far more).
 _LINEAR_TOLERANCE = 1e-3
@@ -49,6 +52,15 @@ def logistic4(x: Any, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
         return b2 + (b1 - b2) * special.expit((x - b3) / np.abs(b4))
 
 
+def paper_logistic(x: Any, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    """The paper's ``logistic_func`` as its code writes it (``np.exp``, then the division), so that a
+    fit through it takes exactly the paper's steps: ``b2 + (b1 - b2) / (1 + exp(-(x - b3) / |b4|))``."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        logistic_part = 1 + np.exp(np.negative(np.divide(x - b3, np.abs(b4))))
+        return b2 + np.divide(b1 - b2, logistic_part)
+
+
 def logistic5(x: Any, b1: float, b2: float, b3: float, b4: float, b5: float) -> np.ndarray:
     """The VQEG 5-parameter logistic ``b1 * (0.5 - 1 / (1 + exp(b2 * (x - b3)))) + b4 * x + b5``."""
     x = np.asarray(x, dtype=np.float64)
@@ -65,8 +77,9 @@ class FitResult:
     """A fitted mapping from predictions to subjective scores.
 
     Attributes:
-        kind: the mapping actually used: ``logistic4``, ``logistic5``, ``linear``, ``constant``
-            or ``none`` (identity).
+        kind: the mapping actually used: ``logistic4``, ``logistic5``, ``paper`` (the paper's
+            fit_function: its logistic, evaluated as its code does), ``linear``, ``constant`` or
+            ``none`` (identity).
         params: its parameters (logistic: b1..b4/b5; linear: slope, intercept; constant: value).
         fallback: why the requested mapping was not used (None when it was).
         requested: the mapping that was asked for.
@@ -86,6 +99,8 @@ class FitResult:
             return logistic4(x, *self.params)
         if self.kind == "logistic5":
             return logistic5(x, *self.params)
+        if self.kind == "paper":
+            return paper_logistic(x, *self.params)
         if self.kind == "linear":
             return _linear(x, *self.params)
         if self.kind == "constant":
@@ -184,10 +199,38 @@ def rise_share(func: Any, params: Sequence[float], x: np.ndarray) -> float:
     return float((xs[min(hi, xs.size - 1)] - xs[lo]) / (xs[-1] - xs[0]))
 
 
+def _paper_params(x: np.ndarray, y: np.ndarray) -> tuple[tuple[float, ...] | None, str | None]:
+    """The paper's ``fit_function``: one ``curve_fit`` of its logistic from ``[max y, min y, mean x, 0.5]``
+    with ``maxfev=100000000``. Its parameters, or None and why when the call raises (or, which the paper's
+    code would carry on with as NaN, gives non-finite values)."""
+    beta = [np.max(y), np.min(y), np.mean(x), 0.5]
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            params, _ = optimize.curve_fit(paper_logistic, x, y, p0=beta, maxfev=PAPER_MAXFEV)
+    except (RuntimeError, ValueError, TypeError, FloatingPointError, np.linalg.LinAlgError) as err:
+        return None, f"paper fit_function raised {type(err).__name__} ({str(err).splitlines()[0][:80]})"
+    if not (np.all(np.isfinite(params)) and np.all(np.isfinite(paper_logistic(x, *params)))):
+        return None, "paper fit_function gave non-finite values"
+    return tuple(float(p) for p in params), None
+
+
+def _paper_fallback(x: np.ndarray, y: np.ndarray, reason: str) -> FitResult:
+    """Our logistic4 fit (with its own fallbacks) in place of a paper fit that could not be made."""
+    ours = fit_logistic(x, y, "logistic4")
+    used = ours.kind if ours.fallback is None else f"{ours.kind} ({ours.fallback})"
+    return FitResult(ours.kind, ours.params, f"{reason}; used our logistic4 fit: {used}", "paper", ours.init)
+
+
 def fit_logistic(pred: Any, mos: Any, kind: str = "logistic4") -> FitResult:
     """Fit a mapping from predictions ``pred`` to subjective scores ``mos``.
 
-    ``kind`` is ``logistic4`` (the paper's), ``logistic5`` (VQEG) or ``none`` (identity).
+    ``kind`` is ``logistic4`` (the paper's logistic, fitted robustly), ``logistic5`` (VQEG), ``paper``
+    (the paper's ``fit_function`` exactly: see below) or ``none`` (identity).
+
+    ``paper``: one ``curve_fit`` of the paper's logistic from ``[max y, min y, mean x, 0.5]`` with
+    ``maxfev=100000000``, whatever it converges to (a step included). Only when that call raises (or gives
+    non-finite values) is the ``logistic4`` fit below used instead, with the reason in ``fallback``.
     Initial guesses are tried in order (for logistic4 the paper's ``[max y, min y, mean x, 0.5]``
     first, then ``b4 = std(x)``, then a falling curve, then fits on standardised predictions) and
     the first fit that converges to finite values and is not worse than a straight line is kept. Otherwise (fewer than
@@ -200,6 +243,9 @@ def fit_logistic(pred: Any, mos: Any, kind: str = "logistic4") -> FitResult:
     x, y = _check_pair(pred, mos)
     if kind == "none":
         return FitResult("none", (), None, kind)
+    if kind == "paper":
+        params, reason = _paper_params(x, y)
+        return FitResult("paper", params, None, "paper", "paper") if params is not None else _paper_fallback(x, y, reason)
     if np.ptp(x) == 0.0:
         return _linear_fit(x, y, kind, "constant predictions")
     n_params = 4 if kind == "logistic4" else 5
@@ -256,14 +302,14 @@ def orient(scores: Any, higher_is_better: bool) -> np.ndarray:
     return array if higher_is_better else -array
 
 
-def _corr(func: Any, x: np.ndarray, y: np.ndarray) -> float:
-    """A correlation coefficient, 0.0 where it is undefined (constant input, < 2 points)."""
+def _corr(func: Any, x: np.ndarray, y: np.ndarray, undefined: float = 0.0) -> float:
+    """A correlation coefficient, `undefined` where it is undefined (constant input, < 2 points)."""
     if x.size < 2 or np.ptp(x) == 0.0 or np.ptp(y) == 0.0:
-        return 0.0
+        return undefined
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         value = float(func(x, y)[0])
-    return value if math.isfinite(value) else 0.0
+    return value if math.isfinite(value) else undefined
 
 
 @dataclass(frozen=True)
@@ -284,23 +330,38 @@ def assess(pred: Any, mos: Any, higher_is_better: bool = True, fit: str = "logis
         pred: model predictions (1-D; list, numpy array or torch tensor).
         mos: the test database's own scores (MOS or DMOS).
         higher_is_better: the test database's score direction (False for a DMOS).
-        fit: mapping fitted before PLCC/RMSE: ``logistic4`` (paper), ``logistic5`` or ``none``.
+        fit: mapping fitted before PLCC/RMSE: ``logistic4`` (the paper's logistic, fitted robustly),
+            ``logistic5``, ``paper`` (the paper's fit_function exactly) or ``none``.
         train_higher_is_better: score direction of the database the model was trained on. When
             given and different from ``higher_is_better`` (cross-database), every metric is
             computed against the negated test score, so that a good model is positive, and
             ``sign_flipped`` is True. When None, the model is taken to regress the test score
             itself and nothing is flipped.
 
-    The metrics dict holds srcc, krcc, plcc, rmse, n, fit (mapping used), fit_fallback (reason or
-    None), fit_params (list of floats), sign_flipped (bool). Undefined correlations (constant
-    predictions or scores) are 0.0, never NaN. RMSE is in the units of the test score. PLCC is
+    The metrics dict holds srcc, krcc, plcc, rmse, n, fit (mapping used), fit_requested (the `fit`
+    asked for), fit_fallback (reason or None), fit_params (list of floats), sign_flipped (bool).
+    Undefined correlations of the whole set (constant predictions or scores) are 0.0, never NaN (per
+    distortion type, `by_distortion`, they are NaN). RMSE is in the units of the test score. PLCC is
     taken after the fitted mapping, which can itself turn decreasing, so PLCC is (as usual in
     IQA) non-negative for any monotone relation; SRCC/KRCC keep the sign.
+
+    With ``fit="paper"`` the logistic is fitted to the test database's own scores, as the paper's code
+    does; when the scores are flipped, the mapping used is that fit negated (exactly: the same PLCC and
+    RMSE as the paper's).
     """
     x, y = _check_pair(pred, mos)
+    if fit not in FIT_KINDS:
+        raise UserError(f"unknown fit {fit!r}: choose one of {', '.join(FIT_KINDS)}")
     sign_flipped = train_higher_is_better is not None and bool(train_higher_is_better) != bool(higher_is_better)
     target = -y if sign_flipped else y
-    result = fit_logistic(x, target, kind=fit)
+    if fit == "paper" and sign_flipped:
+        params, reason = _paper_params(x, y)
+        if params is None:
+            result = _paper_fallback(x, target, reason)
+        else:  # -(b2 + (b1 - b2) / L) == -b2 + (-b1 + b2) / L, bit for bit
+            result = FitResult("paper", (-params[0], -params[1], params[2], params[3]), None, "paper", "paper")
+    else:
+        result = fit_logistic(x, target, kind=fit)
     fitted = result.predict(x)
     values = {
         "srcc": _corr(stats.spearmanr, x, target),
@@ -309,6 +370,7 @@ def assess(pred: Any, mos: Any, higher_is_better: bool = True, fit: str = "logis
         "rmse": _rmse(fitted, target),
         "n": int(x.size),
         "fit": result.kind,
+        "fit_requested": fit,
         "fit_fallback": result.fallback,
         "fit_params": list(result.params),
         "sign_flipped": bool(sign_flipped),
@@ -348,7 +410,8 @@ MIN_SUBSET = 3  # images of one distortion type below which its correlations are
 def by_distortion(evaluation: Evaluation, pred: Any, distortions: Sequence[str]) -> dict[str, float]:
     """SRCC and PLCC within each distortion type (`srcc_<type>`, `plcc_<type>`), as OIQA papers report them:
     against the same target as the whole set, PLCC after the same fitted mapping (fitted once on the whole
-    set). NaN for a type with fewer than MIN_SUBSET images."""
+    set). NaN where it is undefined: a type with fewer than MIN_SUBSET images, or whose images all score the
+    same (or all get the same prediction, or the same fitted value)."""
     x = _as_array(pred, "predictions")
     fitted = np.asarray(evaluation.fit.predict(x), dtype=np.float64)
     target = np.asarray(evaluation.target, dtype=np.float64)
@@ -360,8 +423,8 @@ def by_distortion(evaluation: Evaluation, pred: Any, distortions: Sequence[str])
         if keep.sum() < MIN_SUBSET:
             out[f"srcc_{name}"] = out[f"plcc_{name}"] = float("nan")
             continue
-        out[f"srcc_{name}"] = _corr(stats.spearmanr, x[keep], target[keep])
-        out[f"plcc_{name}"] = _corr(stats.pearsonr, fitted[keep], target[keep])
+        out[f"srcc_{name}"] = _corr(stats.spearmanr, x[keep], target[keep], undefined=float("nan"))
+        out[f"plcc_{name}"] = _corr(stats.pearsonr, fitted[keep], target[keep], undefined=float("nan"))
     return out
 
 
@@ -370,13 +433,17 @@ def distortion_column(kind: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", str(kind)).strip("_") or "unnamed"
 
 
-def summarize(rows: Iterable[dict[str, Any]], keys: Sequence[str] = METRIC_KEYS) -> list[dict[str, Any]]:
+def summarize(rows: Iterable[dict[str, Any]], keys: Sequence[str] = METRIC_KEYS,
+              counted: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Per-fold rows followed by ``mean``, ``std`` and ``median`` rows over the folds.
 
     The label goes in the rows' ``fold`` column (or ``name``/``run`` when that is what the rows
     use). ``std`` is the sample standard deviation (``ddof=1``), NaN with a single fold. Rows
     already labelled mean/std/median are dropped and recomputed, so summarising twice is harmless.
-    Non-numeric or missing values are skipped; a metric absent from every row is left out.
+    Non-numeric, missing or undefined (NaN) values are skipped, so that each statistic is over the folds
+    that have the metric; a metric absent from every row is left out. For each key in ``counted`` the
+    summary rows also hold ``folds_<key>``, the number of folds it is over (0 when none has it; the
+    statistics are then NaN).
     """
     rows = list(rows)
     label = _label_key(rows)
@@ -384,6 +451,10 @@ def summarize(rows: Iterable[dict[str, Any]], keys: Sequence[str] = METRIC_KEYS)
     stats_rows = {name: {label: name} for name in SUMMARY_LABELS}
     for key in keys:
         values = np.array([v for v in (_number(row.get(key)) for row in folds) if v is not None])
+        if key in counted:
+            for name in SUMMARY_LABELS:
+                stats_rows[name][f"folds_{key}"] = int(values.size)
+                stats_rows[name].setdefault(key, float("nan"))
         if values.size == 0:
             continue
         stats_rows["mean"][key] = float(values.mean())
@@ -402,6 +473,13 @@ def _cell(value: Any, digits: int) -> str:
     if isinstance(value, (float, np.floating)):
         return "n/a" if not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
     return str(value)
+
+
+def mean_text(value: Any, count: int, total: int, digits: int = 3) -> str:
+    """A mean over `count` of `total` folds: ``0.812``, ``0.812 (3 of 5 folds)`` when some folds lack the
+    metric, ``n/a (0 of 5 folds)`` when none has it."""
+    text = _cell(float("nan") if value is None else float(value), digits)
+    return text if count == total else f"{text} ({count} of {total} folds)"
 
 
 def format_results_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,

@@ -1,6 +1,8 @@
 """The paper's tables from a reproduction's runs: Table 1 (within each database: teacher, the no-KD
 baseline, mask KD; SRCC and PLCC mean ± std over folds and seeds), the paired effect of mask KD over
-the baseline with a 95% bootstrap interval, and the cross-database table; as Markdown and LaTeX.
+the baseline with a 95% bootstrap interval, and the cross-database table; as Markdown and LaTeX. Each
+says which fit its PLCC came after; a per-distortion mean over fewer folds than the runs have says how
+many (an undefined per-distortion SRCC is left out, never counted as 0).
 """
 from __future__ import annotations
 
@@ -52,12 +54,27 @@ def bootstrap_interval(values: np.ndarray, *, draws: int = 10000, seed: int = 0)
 @dataclass
 class Cell:
     values: np.ndarray
+    of: int | None = None   # folds the values could have come from (None: as many as there are values)
 
     def text(self, tex: bool = False) -> str:
+        count = f" ({self.values.size} of {self.of} folds)" if self.of is not None and self.of != self.values.size else ""
         if not self.values.size:
-            return "–"
+            return "n/a" + count if count else "–"
         std = f"{self.values.std(ddof=1):.3f}" if self.values.size > 1 else "n/a"
-        return f"{self.values.mean():.3f} ± {std}"
+        return f"{self.values.mean():.3f} ± {std}{count}"
+
+
+def fit_text(tables: list[pd.DataFrame]) -> str:
+    """Which fit the PLCC of these runs' folds came after (`fit_requested` of results.csv), and in how many
+    folds a fallback was used instead; "" when no run records it."""
+    requested = sorted({str(v) for t in tables if "fit_requested" in t for v in t["fit_requested"].dropna()})
+    if not requested:
+        return ""
+    folds = sum(len(t) for t in tables)
+    fallbacks = sum(int(t["fit_fallback"].notna().sum()) for t in tables if "fit_fallback" in t)
+    names = {"paper": "paper fit_function", "logistic4": "logistic4 (ours)"}
+    text = " / ".join(names.get(r, r) for r in requested)
+    return text + (f", fallback in {fallbacks} of {folds} folds" if fallbacks else "")
 
 
 def _tabular(header: list[str], rows: list[list[str]], tex: bool) -> str:
@@ -88,6 +105,9 @@ def within_tables(runs: dict[tuple[str, str, int], Path], databases: list[str], 
         for db in databases:
             paper += [f"{v:.3f}" for v in PAPER_TEACHER[db]] if db in PAPER_TEACHER else ["–", "–"]
         rows.append(paper)
+    fits = [fit_text([fold_rows(path) for (d, _, _), path in runs.items() if d == db]) for db in databases]
+    if any(fits):
+        rows.append(["PLCC after"] + [cell for fit in fits for cell in ("", fit or "–")])
     effect_rows, records = [], []
     for db in databases:
         diffs = {"srcc": [], "plcc": []}
@@ -127,8 +147,9 @@ def distortion_table(runs: dict[tuple[str, str, int], Path], databases: list[str
             found = [fold_rows(path) for (d, m, _), path in runs.items() if d == db and m == model]
             columns = sorted({c for f in found for c in f.columns if c.startswith("srcc_")})
             if columns:
-                rows.append((db, label, {c[5:]: Cell(np.concatenate([f[c].dropna().to_numpy() for f in found if c in f]))
-                                        for c in columns}))
+                folds = sum(len(f) for f in found)
+                rows.append((db, label, {c[5:]: Cell(np.concatenate([f[c].dropna().to_numpy() for f in found if c in f]),
+                                                     of=folds) for c in columns}))
     if not rows:
         return None
     kinds = sorted({k for _, _, cells in rows for k in cells})
@@ -154,4 +175,7 @@ def cross_table(runs: dict[tuple[str, str, str, int], Path], tex: bool = False) 
         if authors:
             row += [f"{v:.3f}" for v in PAPER_CROSS_TEACHER[(a, b)]] if (a, b) in PAPER_CROSS_TEACHER else ["–", "–"]
         rows.append(row)
+    fit = fit_text([fold_rows(p) for p in runs.values()])
+    if fit:
+        rows.append([f"PLCC after: {fit}"] + [""] * (len(header) - 1))
     return _tabular(header, rows, tex)

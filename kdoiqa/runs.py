@@ -281,9 +281,11 @@ def finish_run(run: Run, results: list[FoldResult]) -> pd.DataFrame:
              **distortion_metrics(run.eval_db, r)}
             for r in sorted(results, key=lambda r: r.fold)]
     by_type = [key for key in rows[0] if key.startswith(("srcc_", "plcc_"))] if rows else []
-    summary = metrics.summarize(rows, keys=[*metrics.METRIC_KEYS, *by_type])
+    # A per-distortion metric can be undefined in a fold (NaN): each mean is over the folds that have it,
+    # and folds_<metric> says how many.
+    summary = metrics.summarize(rows, keys=[*metrics.METRIC_KEYS, *by_type], counted=by_type)
     table = pd.DataFrame(summary)
-    for column in ("epoch", "n"):
+    for column in ("epoch", "n", *(f"folds_{key}" for key in by_type)):
         table[column] = table[column].astype("Int64")
     table["selection"] = SELECTION_NOTES[settings.eval.select]
     table["protocol"] = settings.protocol
@@ -294,7 +296,10 @@ def finish_run(run: Run, results: list[FoldResult]) -> pd.DataFrame:
     flipped = any(r.metrics.get("sign_flipped") for r in results)
     if run.test_db is not None:
         table["sign_flipped"] = flipped
-    atomic_write_csv(run.run_dir / "results.csv", table)
+    written = table.copy()
+    if by_type:  # undefined, not missing: n/a (which pandas reads back as NaN)
+        written[by_type] = written[by_type].astype(object).where(written[by_type].notna(), "n/a")
+    atomic_write_csv(run.run_dir / "results.csv", written)
     preds = pd.concat([pd.DataFrame({"fold": r.fold, "image": r.images, "mos": r.mos, "prediction": r.pred})
                        for r in sorted(results, key=lambda r: r.fold)], ignore_index=True)
     atomic_write_csv(run.run_dir / "predictions.csv", preds)
@@ -308,14 +313,18 @@ def finish_run(run: Run, results: list[FoldResult]) -> pd.DataFrame:
     print("\n" + heading)
     print(metrics.format_results_table(summary))
     fallbacks = [r.fold for r in results if r.metrics["fit_fallback"]]
-    if fallbacks:
+    if fallbacks and settings.eval.fit == "paper":
+        print(f"note: the paper's fit_function raised on fold(s) {', '.join(map(str, fallbacks))}; their PLCC/RMSE "
+              f"come from our logistic4 fit (see fit_fallback in results.csv)")
+    elif fallbacks:
         print(f"note: the {settings.eval.fit} fit of fold(s) {', '.join(map(str, fallbacks))} was degenerate or failed; "
               f"their PLCC/RMSE come from a linear fit (see fit_fallback in results.csv)")
     mean = next(row for row in summary if row["fold"] == "mean")
-    srcc_by_type = [(key[5:], mean[key]) for key in by_type if key.startswith("srcc_") and key in mean]
+    srcc_by_type = [key for key in by_type if key.startswith("srcc_")]
     if srcc_by_type:
         print("SRCC by distortion type (mean over folds): "
-              + ", ".join(f"{kind} {value:.3f}" for kind, value in srcc_by_type), flush=True)
+              + ", ".join(f"{key[5:]} {metrics.mean_text(mean[key], mean[f'folds_{key}'], len(rows))}"
+                          for key in srcc_by_type), flush=True)
     print(f"results: {run.run_dir / 'results.csv'}", flush=True)
     return table
 
@@ -327,3 +336,4 @@ def distortion_metrics(db: Database, result: FoldResult) -> dict[str, float]:
     kinds = db.meta.set_index("image")["distortion"].fillna("none").astype(str)
     every = {f"{m}_{metrics.distortion_column(k)}": float("nan") for k in sorted(set(kinds)) for m in ("srcc", "plcc")}
     return {**every, **metrics.by_distortion(result.evaluation, result.pred, kinds.loc[result.images].tolist())}
+    table["fit_requested"] = settings.eval.fit

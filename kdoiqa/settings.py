@@ -151,12 +151,12 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "ours": {
         "normalize": "imagenet", "lr_schedule": "cosine", "amp": "auto", "tf32": True, "face_batchnorm": "joint",
         "head_init": "mean", "select": "last", "select_metric": "srcc+plcc", "seeding": "per-fold",
-        "face_jpeg_quality": None,
+        "face_jpeg_quality": None, "fit": "logistic4",
     },
     "paper": {
         "normalize": "none", "lr_schedule": "constant", "amp": "none", "tf32": False, "face_batchnorm": "per-face",
         "head_init": "default", "select": "test", "select_metric": None, "seeding": "once",
-        "face_jpeg_quality": 75,
+        "face_jpeg_quality": 75, "fit": "paper",
     },
 }
 
@@ -170,6 +170,7 @@ PROTOCOL_PARTS: tuple[tuple[str, str, bool], ...] = (
     ("last epoch reported", "best epoch on the test fold ({metric})", True),
     ("seed + fold before each fold", "seed 2023 once before the folds", True),
     ("lossless faces", "JPEG-75 faces", False),
+    ("logistic fit with a line when it fails or is a step", "the paper's fit_function as it comes", True),
     ("the database's split", "the authors' folds when the database folder has folds/authors.json", True),
 )
 

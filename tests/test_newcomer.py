@@ -232,3 +232,71 @@ def test_results_per_distortion_type(tiny_db, tmp_path):
         expected = spearmanr(blur["prediction"], blur["mos_x"]).statistic
         assert table.set_index("fold").loc[str(k), "srcc_blur"] == pytest.approx(expected, abs=1e-6)
     assert torch.load(run / "fold0" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_an_undefined_per_distortion_srcc_is_na_and_left_out_of_the_mean(tmp_path, capsys):
+    """Every reference of fold 0's test contents scores the same (as a DMOS's references all score 0): its
+    reference SRCC is undefined, written n/a, left out of the mean, and the mean says how many folds it has."""
+    db = make_tiny_db(tmp_path / "Flat", contents=6, levels=2, seed=31)
+    meta = pd.read_csv(db / "meta.csv")
+    first = meta["ref"].isin(["c0", "c1", "c2"])
+    meta.loc[first & (meta["distortion"] == "reference"), "mos"] = 90.0
+    meta.to_csv(db / "meta.csv", index=False)
+    test0 = meta.loc[first, "image"].tolist()
+    test1 = meta.loc[~first, "image"].tolist()
+    folds = tmp_path / "folds.json"
+    folds.write_text(json.dumps({"folds": [{"train": test1, "test": test0}, {"train": test0, "test": test1}],
+                                 "source": "by hand"}))
+    run = tmp_path / "run"
+    teacher_train.main(["--database", str(db), "--folds-file", str(folds), "--epochs", "1", *FAST, "--out", str(run)])
+    printed = capsys.readouterr().out
+    table = pd.read_csv(run / "results.csv", dtype={"fold": str}).set_index("fold")
+    preds = pd.read_csv(run / "predictions.csv").merge(meta, on="image", suffixes=("", "_meta"))
+    refs = preds[(preds["fold"] == 1) & (preds["distortion"] == "reference")]
+    from scipy.stats import spearmanr
+
+    expected = spearmanr(refs["prediction"], refs["mos"]).statistic
+    assert np.isnan(table.loc["0", "srcc_reference"]) and np.isnan(table.loc["0", "plcc_reference"])
+    assert table.loc["1", "srcc_reference"] == pytest.approx(expected, abs=1e-6)
+    assert table.loc["mean", "srcc_reference"] == pytest.approx(expected, abs=1e-6)  # fold 1's alone, not (0 + x) / 2
+    assert table.loc["mean", "folds_srcc_reference"] == 1 and table.loc["mean", "folds_srcc_blur"] == 2
+    raw = (run / "results.csv").read_text().splitlines()
+    header = raw[0].split(",")
+    assert raw[1].split(",")[header.index("srcc_reference")] == "n/a"
+    line = next(x for x in printed.splitlines() if x.startswith("SRCC by distortion type"))
+    assert f"reference {expected:.3f} (1 of 2 folds)" in line and "blur " in line and "blur n/a" not in line
+    assert "(2 of 2" not in line
+
+
+def test_the_distortion_table_counts_the_folds_of_each_mean(tmp_path):
+    nan = float("nan")
+    runs = {}
+    for model, values in (("teacher", [0.5, nan, 0.7]), ("mask", [nan, nan, nan])):
+        folder = tmp_path / model
+        folder.mkdir()
+        pd.DataFrame({"fold": [0, 1, 2], "srcc": [0.9, 0.8, 0.7], "plcc": [0.9, 0.8, 0.7],
+                      "srcc_blur": [0.4, 0.5, 0.6], "srcc_reference": values}).to_csv(folder / "results.csv", index=False,
+                                                                                      na_rep="n/a")
+        runs[("DB", model, 2023)] = folder
+    text = paper_tables.distortion_table(runs, ["DB"])
+    teacher = next(row for row in text.splitlines() if "teacher" in row)
+    mask = next(row for row in text.splitlines() if "mask KD" in row)
+    assert f"0.600 ± {np.std([0.5, 0.7], ddof=1):.3f} (2 of 3 folds)" in teacher
+    assert f"0.500 ± {np.std([0.4, 0.5, 0.6], ddof=1):.3f} |" in teacher  # every fold: no count
+    assert "n/a (0 of 3 folds)" in mask
+
+
+def test_the_tables_say_which_fit_their_plcc_came_after(tmp_path):
+    runs = _runs(tmp_path, "DB", 2)
+    for i, folder in enumerate(runs.values()):
+        table = pd.read_csv(folder / "results.csv")
+        table["fit_requested"] = "paper"
+        table["fit_fallback"] = ["paper fit_function raised TypeError (...)" if i == 0 else None, None]
+        table.to_csv(folder / "results.csv", index=False)
+    table1, _, _ = paper_tables.within_tables(runs, ["DB"], "paper")
+    assert table1.splitlines()[-1] == "| PLCC after |  | paper fit_function, fallback in 1 of 6 folds |"
+    cross = paper_tables.cross_table({("DB", "B", "mask", 1): tmp_path / "DB-none"})
+    assert cross.splitlines()[-1].startswith("| PLCC after: paper fit_function |")
+    (tmp_path / "old").mkdir()
+    bare, _, _ = paper_tables.within_tables(_runs(tmp_path / "old", "DB", 2), ["DB"], "ours")
+    assert "PLCC after" not in bare  # runs from before the fit was recorded: no row

@@ -38,6 +38,7 @@ def test_the_paper_preset_and_explicit_flags():
     assert (s.model.normalize, s.model.head_init, s.model.face_batchnorm) == ("none", "default", "per-face")
     assert (s.optim.lr_schedule, s.optim.seeding, s.runtime.amp, s.runtime.tf32) == ("constant", "once", "none", False)
     assert (s.eval.select, s.eval.select_metric, s.data.face_jpeg_quality) == ("test", "srcc+plcc", 75)
+    assert s.eval.fit == "paper" and paper_settings("teacher_train", "--fit", "logistic4").eval.fit == "logistic4"
     assert paper_settings("mask_train").eval.select_metric == "srcc"
     assert paper_settings("teacher_crossdb_train").eval.select_metric == "abs-srcc+abs-plcc"
     assert paper_settings("crossdb_train").eval.select_metric == "abs-srcc"
@@ -48,6 +49,7 @@ def test_the_paper_preset_and_explicit_flags():
     ours = cli.training_settings("teacher_train", *cli.parse(cli.teacher_parser(), []))
     assert (ours.model.normalize, ours.optim.lr_schedule, ours.eval.select, ours.data.face_jpeg_quality) == \
         ("imagenet", "cosine", "last", None)
+    assert ours.eval.fit == "logistic4"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +245,12 @@ def test_teacher_records_every_paper_behaviour(dbs, tmp_path):
     assert settings["optim"]["lr_schedule"] == "constant" and settings["optim"]["seeding"] == "once"
     assert settings["runtime"]["amp"] == "none" and settings["runtime"]["tf32"] is False
     assert settings["eval"]["select"] == "test" and settings["data"]["face_jpeg_quality"] == 75
+    assert settings["eval"]["fit"] == "paper"
+    table = pd.read_csv(out / "results.csv", dtype={"fold": str})
+    assert (table["fit_requested"] == "paper").all()
+    row = table.set_index("fold").loc["0"]
+    assert row["fit"] == "paper" or row["fit_fallback"].startswith("paper fit_function raised")
+    assert json.loads((out / "fold0" / "metrics.json").read_text())["fit_requested"] == "paper"
     ckpt = torch.load(out / "fold0" / "checkpoint.pt", weights_only=True)
     assert ckpt["model_config"]["face_batchnorm"] == "per-face" and ckpt["model_config"]["normalize"] == "none"
 
