@@ -287,6 +287,7 @@ def finish_run(run: Run, results: list[FoldResult]) -> pd.DataFrame:
     table = pd.DataFrame(summary)
     for column in ("epoch", "n", *(f"folds_{key}" for key in by_type)):
         table[column] = table[column].astype("Int64")
+    table["fit_requested"] = settings.eval.fit
     table["selection"] = SELECTION_NOTES[settings.eval.select]
     table["protocol"] = settings.protocol
     table["model"] = "teacher" if settings.distill is None else "student"
@@ -336,4 +337,3 @@ def distortion_metrics(db: Database, result: FoldResult) -> dict[str, float]:
     kinds = db.meta.set_index("image")["distortion"].fillna("none").astype(str)
     every = {f"{m}_{metrics.distortion_column(k)}": float("nan") for k in sorted(set(kinds)) for m in ("srcc", "plcc")}
     return {**every, **metrics.by_distortion(result.evaluation, result.pred, kinds.loc[result.images].tolist())}
-    table["fit_requested"] = settings.eval.fit
