@@ -16,15 +16,21 @@ from __future__ import annotations
 from kdoiqa import cli, stages
 from kdoiqa.common import run_cli
 
+# What --from-authors does not use: the authors' features come from their own teacher, already computed.
+TEACHER_RUN_FLAGS = ("run", "fold", "erp_size", "face_size", "faces", "face_jpeg_quality", "cache", "workers", "device",
+                     "amp", "tf32", "batch_size", "protocol")
+
 
 def main(argv: list[str] | None = None) -> None:
-    args = cli.features_parser(__doc__).parse_args(argv)
+    args, explicit = cli.parse(cli.features_parser(__doc__), argv)
     if args.from_authors:
+        cli.refuse_explicit(explicit, TEACHER_RUN_FLAGS, "--from-authors imports the authors' features as released "
+                            "(no teacher run is used)")
         stages.save_authors_features(args.database, args.data_root, args.from_authors, args.features_dir)
         return
     stages.save_teacher_features(args.database, args.data_root, args.run, args.features_dir,
                                  data=cli.data_settings(args), runtime=cli.inference_runtime(args),
-                                 batch_size=args.batch_size, fold=args.fold)
+                                 batch_size=args.batch_size, fold=args.fold, explicit=explicit)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -670,6 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     mos = frame["mos"].to_numpy()
     print(f"wrote {out}: {count} contents, {len(frame)} images ({width}x{height}), "
           f"MOS {mos.min():.1f}..{mos.max():.1f} (mean {mos.mean():.1f})")
+    if count < 2:
+        print("note: one content cannot be split into content-disjoint folds; train on a database of two or more "
+              "(--contents 2)")
+    else:  # as many folds as contents allow (at most the paper's 5); faces of the paper's ratio (1024 -> 256)
+        words = ["python", "teacher_train.py", "--database", str(out), "--folds", str(min(5, count))]
+        print("next: " + shlex.join(words + (["--face-size", str(width // 4)] if width // 4 < 256 else [])))
     return 0
 
 

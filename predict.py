@@ -40,6 +40,9 @@ def build_parser() -> Parser:
                         help="mixed precision (auto: bf16 on a GPU that computes it natively, else none; the score "
                              "head is fp32 either way)")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="score a run folder whose folds have not all finished with its finished folds (the "
+                             "header names the unfinished ones; default: refused)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -108,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_csv(args.csv)
     # Any image: one that is not 2:1 is scored after a warning.
-    scorer = load(args.model, args.device, amp=args.amp, batch_size=args.batch_size, require_two_to_one=False)
+    scorer = load(args.model, args.device, amp=args.amp, batch_size=args.batch_size, require_two_to_one=False,
+                  allow_partial=args.allow_partial)
     images = collect_images(args.inputs)
     names, scores, skipped = score_files(scorer, images, args.threads, args.strict, args.progress)
     values = np.concatenate(scores).astype(np.float64) if scores else np.zeros((0, len(scorer.models)))
     direction = "higher is better" if scorer.higher_is_better else "higher is worse (DMOS)"
     lo, hi = scorer.score_range
-    folds = f"mean and std of {len(scorer.models)} folds' models" if len(scorer.models) > 1 else "one model"
+    folds = models_note(scorer)
     print(f"# {scorer.kind} trained on {scorer.database} ({folds}): scores on its scale {lo:g}-{hi:g}, {direction}")
     frame = pd.DataFrame({"image": names, "score": values.mean(axis=1)})
     if len(scorer.models) > 1:
@@ -130,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def models_note(scorer: Scorer) -> str:
+    """What the header says of the models: one, or the mean of several folds; and a partial run's unfinished folds."""
+    used = ", ".join(map(str, scorer.folds))
+    if scorer.unfinished_folds:
+        missing = ("fold " if len(scorer.unfinished_folds) == 1 else "folds ") + ", ".join(map(str, scorer.unfinished_folds))
+        what = f"mean and std of folds {used}" if len(scorer.models) > 1 else f"fold {used} alone"
+        return f"{what}: a partial run, {missing} unfinished and left out (--allow-partial)"
+    return f"mean and std of {len(scorer.models)} folds' models" if len(scorer.models) > 1 else "one model"
 
 
 def score_files(scorer: Scorer, images: list[Path], threads: int, strict: bool,

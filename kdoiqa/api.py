@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kdoiqa.checkpoints import find_checkpoints, load_checkpoint, model_from_checkpoint
+from kdoiqa.checkpoints import load_run_models, model_from_checkpoint
 from kdoiqa.common import UserError
 from kdoiqa.distributed import resolve_device
 from kdoiqa.engine import autocast_for
@@ -44,10 +44,14 @@ class Scorer(nn.Module):
     """One or several trained networks (a run's folds) scoring ERP images on their database's scale."""
 
     def __init__(self, models: Sequence[nn.Module], record: dict, paths: Sequence[Path], *, amp: str = "none",
-                 batch_size: int = 16, require_two_to_one: bool = True) -> None:
+                 batch_size: int = 16, require_two_to_one: bool = True, folds: Sequence[int] | None = None,
+                 unfinished_folds: Sequence[int] = ()) -> None:
         super().__init__()
         self.models = nn.ModuleList(models).eval().requires_grad_(False)
         self.paths = [Path(p) for p in paths]
+        # The fold of each model, and a run folder's folds left out because they have not finished (allow_partial).
+        self.folds: list[int] = list(folds) if folds is not None else list(range(len(self.models)))
+        self.unfinished_folds: list[int] = list(unfinished_folds)
         self.kind: str = record["kind"]
         database = record.get("database") or {}
         self.database: str = database.get("name", "?")
@@ -183,19 +187,22 @@ def _is_pil(item: Any) -> bool:
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, *, amp: str = "none",
-         batch_size: int = 16, require_two_to_one: bool = True) -> Scorer:
-    """A checkpoint file, a fold folder or a run folder (every finished fold) -> a `Scorer` on `device`
+         batch_size: int = 16, require_two_to_one: bool = True, allow_partial: bool = False) -> Scorer:
+    """A checkpoint file, a fold folder or a run folder (every fold's model) -> a `Scorer` on `device`
     (default: cuda when present). `amp`: none (fp32, the default for a metric), bf16, fp16 or auto.
-    `require_two_to_one=False` scores images that are not 2:1 after a warning instead of refusing them."""
-    paths = find_checkpoints(Path(path))
-    records = [load_checkpoint(p) for p in paths]
+    `require_two_to_one=False` scores images that are not 2:1 after a warning instead of refusing them.
+    A run folder whose folds have not all finished is refused; `allow_partial=True` loads the finished
+    ones (`Scorer.folds`) and lists the others (`Scorer.unfinished_folds`). A fold's checkpoint that is not
+    of the run (another database, score direction, kind, split or settings) is refused either way."""
+    found = load_run_models(Path(path), allow_partial=allow_partial)
+    paths, records = found.paths, found.records
     first = records[0]
     if first.get("kind") not in ("student", "teacher"):
         raise UserError(f"{paths[0]}: unknown model kind {first.get('kind')!r}")
-    for other, record in zip(paths[1:], records[1:]):
-        if (record.get("kind"), record["settings"]["data"]) != (first.get("kind"), first["settings"]["data"]):
-            raise UserError(f"{other}: another kind of model or input than {paths[0]}; load them one at a time")
+    if found.unfinished:
+        print(f"warning: {path}: scoring with fold(s) {', '.join(map(str, found.folds))} only; "
+              + ", ".join(f"fold {k} {state}" for k, state in found.unfinished.items()), file=sys.stderr)
     models = [model_from_checkpoint(record, p) for record, p in zip(records, paths)]
     target = device if isinstance(device, torch.device) else resolve_device(device)
-    return Scorer(models, first, paths, amp=amp, batch_size=batch_size,
-                  require_two_to_one=require_two_to_one).to(target)
+    return Scorer(models, first, paths, amp=amp, batch_size=batch_size, require_two_to_one=require_two_to_one,
+                  folds=found.folds, unfinished_folds=sorted(found.unfinished)).to(target)

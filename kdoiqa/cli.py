@@ -359,7 +359,9 @@ def resume_args(args: argparse.Namespace, explicit: frozenset[str], script: str)
     run_dir = Path(args.out)
     path = run_dir / "args.json"
     if not path.is_file():
-        raise UserError(f"{run_dir}: nothing to resume (no args.json); drop --resume to start a run there")
+        from kdoiqa.runs import no_args_json  # a run folder's files (not needed to parse a command line)
+
+        raise UserError(no_args_json(run_dir))
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         saved = record["args"]
@@ -397,8 +399,22 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
+def flag_of(dest: str) -> str:
+    """The command-line spelling of a destination (`face_size` -> --face-size, `pretrained` -> --no-pretrained)."""
+    return NEGATED_FLAGS.get(dest, f"--{dest.replace('_', '-')}").split(" ")[0]
+
+
+def refuse_explicit(explicit: frozenset[str], names: Sequence[str], why: str) -> None:
+    """An explicit flag among `names` cannot apply (`why`): refused in one line, never silently dropped."""
+    given = [flag_of(name) for name in names if name in explicit]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot apply: {why}; drop {'it' if len(given) == 1 else 'them'}")
+
+
 def training_settings(script: str, args: argparse.Namespace, explicit: frozenset[str] = frozenset()) -> TrainingSettings:
     """Validate the parsed flags of a training script and group them into typed settings."""
+    if hasattr(args, "database_test"):
+        refuse_explicit(explicit, ("folds", "split_seed"), "a cross-database run has one split, all of A against all of B")
     if getattr(args, "resume", False):
         if not args.out:
             raise UserError("--resume needs --out RUN_FOLDER (the run to continue)")
@@ -507,7 +523,7 @@ def to_argv(parser: argparse.ArgumentParser, values: dict[str, Any]) -> list[str
 # The flags a "next:" hint carries over from the command before (where the next script takes them).
 CARRIED_TO_FEATURES = ("data_root", "device", "workers")
 CARRIED_TO_STUDENT = ("data_root", "device", "workers", "cache", "arch", "pretrained", "weights", "normalize",
-                      "erp_size", "protocol", "amp")
+                      "erp_size", "protocol", "amp", "epochs", "batch_size", "seed")
 
 
 def carried_flags(parser: argparse.ArgumentParser, values: dict[str, Any], names: Sequence[str]) -> list[str]:

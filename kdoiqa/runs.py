@@ -33,7 +33,7 @@ from kdoiqa.common import (
     git_commit,
     jsonable,
 )
-from kdoiqa.databases import Database
+from kdoiqa.databases import Database, database_key
 from kdoiqa.distributed import DIST
 from kdoiqa.folds import FoldSet
 from kdoiqa.settings import TrainingSettings
@@ -88,9 +88,17 @@ def check_run_dir(run_dir: Path, *, resume: bool) -> None:
             break
     if resume:
         if not (run_dir / "args.json").is_file():
-            raise UserError(f"{run_dir}: nothing to resume (no args.json); drop --resume to start a run there")
+            raise UserError(no_args_json(run_dir))
     elif run_dir.is_dir() and (any(run_dir.glob(f"fold*/{CHECKPOINT}")) or any(run_dir.glob(f"fold*/{RESUME}"))):
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
+
+
+def no_args_json(run_dir: Path) -> str:
+    """Why --resume cannot continue `run_dir`, which has no args.json: nothing was started there, or its record is gone."""
+    if any(run_dir.glob(f"fold*/{CHECKPOINT}")) or any(run_dir.glob(f"fold*/{RESUME}")):
+        return (f"{run_dir}: its args.json is gone, so the settings it was started with are unknown and it cannot be "
+                f"resumed; start a new --out (its finished folds still load with predict.py --allow-partial)")
+    return f"{run_dir}: nothing to resume (no args.json); drop --resume to start a run there"
 
 
 @dataclass
@@ -189,7 +197,8 @@ def run_record(settings: TrainingSettings, db: Database, folds: FoldSet, device:
         "script": settings.script, "protocol": settings.protocol,
         "kd": settings.distill.kd if settings.distill is not None else None,
         "git_commit": git_commit(), "argv": sys.argv, "args": settings.args, "settings": settings.to_json(),
-        "database": db.identity(), "test_database": test_db.identity() if test_db is not None else None,
+        "database": {**db.identity(), "higher_is_better": db.higher_is_better, "score_range": list(db.score_range)},
+        "test_database": test_db.identity() if test_db is not None else None,
         "scores_flipped": test_db is not None and db.higher_is_better != test_db.higher_is_better,
         "folds": folds.describe(), "device_used": str(device), "processes": DIST.world, "parallel": DIST.mode,
     }
@@ -224,6 +233,41 @@ def read_run_record(run_dir: Path, script: str) -> dict:
     if record.get("script") != script:
         raise UserError(f"{path}: a {record.get('script')} run, not a {script} run")
     return record
+
+
+def project_folders(*anchors: Path) -> list[Path]:
+    """Folders other than the working folder where a project's relative runs/, features/ or data/ may live: the
+    working folder's parents, each anchor (a database's folder) and its parents, and the checkout of this code."""
+    cwd = Path.cwd().resolve()
+    checkout = Path(__file__).resolve().parents[1]
+    found: list[Path] = []
+    for start in (cwd, *(Path(a).resolve() for a in anchors), checkout):
+        for folder in (start, *start.parents):
+            if folder != cwd and folder not in found:
+                found.append(folder)
+    return found
+
+
+def check_resumed_run(settings: TrainingSettings, db: Database, folds: FoldSet) -> None:
+    """--resume: the run goes on with the database and split it started with (a --data-root given now may name
+    another copy, a fold file may have been rewritten): else refused, before anything is trained."""
+    if not settings.run.resume or not settings.run.out:
+        return
+    path = Path(settings.run.out) / "args.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return  # refused by --resume itself
+    saved = record.get("database") or {}
+    if saved.get("key") and saved["key"] != database_key(db):
+        raise UserError(f"{path}: this run started on the database {saved['key']} ({saved.get('root')}); it would go on "
+                        f"with {database_key(db)} ({db.root}), another database or another version of its files; "
+                        f"resume it with the data it started with, or start a new --out")
+    split = (record.get("folds") or {}).get("sha256")
+    if split and split != folds.digest():
+        raise UserError(f"{path}: this run started on another split ({(record.get('folds') or {}).get('path')}, sha256 "
+                        f"{split[:12]}) than the one it would go on with ({folds.path or folds.source}); restore that "
+                        f"fold file, or start a new --out")
 
 
 def latest_finished_run(script: str, key: str, root: Path = Path("runs")) -> Path | None:

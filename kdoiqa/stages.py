@@ -8,6 +8,7 @@ cross-database matrix as well (scripts never import scripts).
 """
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -15,15 +16,29 @@ from pathlib import Path
 import torch
 
 from kdoiqa import cli, engine
-from kdoiqa.checkpoints import RESUME, finished_folds, fold_checkpoint, load_checkpoint, model_from_checkpoint
+from kdoiqa.checkpoints import (
+    RESUME,
+    check_run_folds,
+    finished_folds,
+    fold_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from kdoiqa.common import UserError, sha256_file
-from kdoiqa.databases import Database, database_key, load_database
+from kdoiqa.databases import (
+    Database,
+    database_key,
+    default_data_root,
+    load_database,
+    resolve_database_root,
+    setup_hint,
+)
 from kdoiqa.distributed import DIST, resolve_device
-from kdoiqa.folds import AUTHORS_FILE, FoldSet, load_folds, resolve_folds
+from kdoiqa.folds import AUTHORS_FILE, FoldSet, default_folds_path, load_folds, resolve_folds
 from kdoiqa.image_store import ImageStore
 from kdoiqa.methods import student_method, teacher_method
 from kdoiqa.pairs import CrossPair, load_pair
-from kdoiqa.runs import Run, latest_finished_run, read_run_record
+from kdoiqa.runs import Run, check_resumed_run, latest_finished_run, project_folders, read_run_record
 from kdoiqa.settings import PROTOCOLS, DataSettings, RuntimeSettings, TrainingSettings
 from kdoiqa.teacher_features import (
     CROSS_FILE,
@@ -33,6 +48,7 @@ from kdoiqa.teacher_features import (
     feat_save_command,
     fold_feature_path,
     load_features,
+    load_teacher_features,
     peek_features,
     read_authors_fold,
     save_features,
@@ -52,21 +68,83 @@ def _next(line: str) -> None:
         print(f"next: {line}", flush=True)
 
 
+def _command(script: str, *words: object) -> str:
+    """`python <script> word ...`, each word quoted for a POSIX shell: a hint that works when pasted."""
+    return shlex.join(["python", script, *(str(w) for w in words)])
+
+
+def _portable_database(database: str) -> str:
+    """--database as a command stored for later use gives it: a folder as an absolute path, a name as it is."""
+    return str(Path(database).resolve()) if Path(database).is_dir() else database
+
+
+def _portable_root(data_root: str | None) -> str | None:
+    return str(Path(data_root).resolve()) if data_root else None
+
+
+def _load_database(database: str, data_root: str | None, *, check_files: bool = True) -> Database:
+    """`load_database`; a registered database missing under a relative data root is looked for from the working
+    folder's parents and the checkout, and the error says what the data root is relative to (never a hint that
+    would make a database a second time)."""
+    root, spec = resolve_database_root(database, data_root)
+    base = Path(data_root) if data_root is not None else default_data_root()
+    if spec is not None and not base.is_absolute() and not (root / "meta.csv").is_file():
+        where = f"{root} (relative to the working folder {Path.cwd()}; --data-root or $KDOIQA_DATA set the data root)"
+        found = [folder / base for folder in project_folders() if (folder / base / spec.folder / "meta.csv").is_file()]
+        if found:
+            raise UserError(f"{where}: no {spec.name} database there; there is one in {found[0] / spec.folder}: add "
+                            f"`--data-root {shlex.quote(str(found[0]))}`")
+        raise UserError(f"{where}: no {spec.name} database there{setup_hint(spec, root)}")
+    return load_database(database, data_root, check_files=check_files)
+
+
+def _folds_file(recorded: str | None, db: Database) -> Path | None:
+    """A fold file recorded by a run or a feature file: as recorded (absolute, or relative to the working folder
+    it was made in), else the file of that name in the database's folds/ (the same split, found from elsewhere)."""
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if not path.is_file() and (db.folds_dir() / path.name).is_file():
+        return db.folds_dir() / path.name
+    return path
+
+
+def _refuse_split_flags(folds: FoldSet, db: Database, settings: TrainingSettings, explicit: frozenset[str],
+                        whose: str, fix: str) -> None:
+    """An explicit --folds / --split-seed that the split `folds` (chosen by something else) does not follow."""
+    run_cfg = settings.run
+    if "folds" in explicit and not run_cfg.folds_file and run_cfg.folds != len(folds):
+        raise UserError(f"--folds {run_cfg.folds}: {whose} has {len(folds)} folds ({folds.path or folds.source}); "
+                        f"{fix}")
+    if "split_seed" in explicit and not run_cfg.folds_file and folds.path is not None and Path(folds.path).resolve() \
+            != default_folds_path(db, len(folds), run_cfg.split_seed).resolve():
+        raise UserError(f"--split-seed {run_cfg.split_seed}: {whose} is {folds.path}, not the default split of that "
+                        f"seed; {fix}")
+
+
 # ----------------------------------------------------------------------------------------------
 # The teacher.
 
-def train_teacher(settings: TrainingSettings) -> Run:
-    """k-fold teacher on one database, or (cross-database settings) on all of A tested on all of B."""
+def train_teacher(settings: TrainingSettings, explicit: frozenset[str] = frozenset()) -> Run:
+    """k-fold teacher on one database, or (cross-database settings) on all of A tested on all of B.
+    `explicit`: the flags given on the command line (one that cannot apply is refused)."""
     if settings.script == CROSS_TEACHER:
         pair = _pair(settings)
         run = start_run(settings, pair.train, folds=pair.folds(), test_db=pair.test, run_key=pair.key)
         if DIST.is_main:
             print(pair.direction_note(), flush=True)
         train_folds(run, lambda fold, split: teacher_method(settings.model))
-        _next(crossdb_feat_command(pair.train_arg, pair.test_arg, run.run_dir))
+        carried = cli.carried_flags(cli.teacher_parser(cross=True), settings.args, cli.CARRIED_TO_FEATURES)
+        _next(" ".join([crossdb_feat_command(pair.train_arg, pair.test_arg, run.run_dir), *map(shlex.quote, carried)]))
         return run
-    db = load_database(settings.run.database, settings.run.data_root)
-    run = start_run(settings, db)
+    db = _load_database(settings.run.database, settings.run.data_root)
+    run_cfg = settings.run
+    folds = resolve_folds(db, run_cfg.folds_file, k=run_cfg.folds, split_seed=run_cfg.split_seed,
+                          prefer_authors=settings.protocol == "paper")
+    _refuse_split_flags(folds, db, settings, explicit, "the split this teacher trains on (--protocol paper takes the "
+                        "authors' folds when the database has them)", "drop the flag, or pass --folds-file")
+    check_resumed_run(settings, db, folds)
+    run = start_run(settings, db, folds=folds)
     train_folds(run, lambda fold, split: teacher_method(settings.model))
     carried = cli.carried_flags(cli.teacher_parser(), settings.args, cli.CARRIED_TO_FEATURES)
     _next(" ".join([feat_save_command(settings.run.database, run.run_dir), *map(shlex.quote, carried)]))
@@ -76,14 +154,35 @@ def train_teacher(settings: TrainingSettings) -> Run:
 # ----------------------------------------------------------------------------------------------
 # Teacher features.
 
-def find_teacher_run(script: str, key: str, what: str, train_hint: str) -> Path:
-    """The latest finished teacher run of a database (or pair), announced."""
+def find_teacher_run(script: str, key: str, what: str, train_hint: str, near: tuple[Path, ...] = ()) -> Path:
+    """The latest finished teacher run of a database (or pair) under runs/ of the working folder, announced. None
+    there: the latest one beside `near` (the database's folder) or in the checkout is named, not used."""
     run = latest_finished_run(script, key)
     if run is None:
-        raise UserError(f"no finished {script} run of {what} under runs/{script}/{key}/; train one with "
-                        f"`{train_hint}` or pass --run")
+        where = f"runs/{script}/{key}/ (relative to the working folder {Path.cwd()})"
+        found = [r for folder in project_folders(*near) if (r := latest_finished_run(script, key, folder / "runs"))]
+        if found:
+            latest = max(found, key=lambda p: (p / "results.csv").stat().st_mtime_ns)
+            raise UserError(f"no finished {script} run of {what} under {where}; there is one in {latest}: add "
+                            f"`--run {shlex.quote(str(latest))}`")
+        raise UserError(f"no finished {script} run of {what} under {where}; train one with `{train_hint}` or pass --run")
     print(f"teacher run: {run} (the latest finished {script} run of {what})", flush=True)
     return run
+
+
+def _refuse_teacher_mismatch(explicit: frozenset[str], data: DataSettings, record: dict, run: Path) -> None:
+    """Explicit face flags of a feature script must be the teacher's own: its features come from its faces."""
+    teacher = record["settings"]["data"]
+    for name, flag, mine, theirs, unit in (
+            ("face_size", "--face-size", data.face_size, teacher.get("face_size"), "-px faces"),
+            ("face_jpeg_quality", "--face-jpeg-quality", data.face_jpeg_quality, teacher.get("face_jpeg_quality"),
+             " (JPEG quality of its faces; none: lossless)")):
+        if name in explicit and theirs is not None and mine != theirs:
+            raise UserError(f"{flag} {mine}: the teacher run {run} was trained on {theirs}{unit}, and its features "
+                            f"are computed from faces made as in its training; drop {flag} (or give {theirs})")
+    if "erp_size" in explicit:
+        raise UserError("--erp-size does not apply to teacher features (the teacher sees cube faces, not the ERP "
+                        "image); give it to the student, mask_train.py")
 
 
 def _teacher_store(db: Database, record: dict, data: DataSettings, device: torch.device, progress: bool) -> ImageStore:
@@ -127,31 +226,49 @@ def _teacher_features(checkpoint: tuple[dict, Path], store: ImageStore, batch_si
 
 def save_teacher_features(database: str, data_root: str | None, run_dir: str | None, features_dir: str | None, *,
                           data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32,
-                          fold: int | None = None) -> list[Path]:
-    """feat_save.py: each finished fold's teacher features of every image of the database."""
-    db = load_database(database, data_root)
+                          fold: int | None = None, explicit: frozenset[str] = frozenset()) -> list[Path]:
+    """feat_save.py: each fold's teacher features of every image of the database (every fold of the run, which must
+    all have finished, or `fold`). `explicit`: the flags given on the command line (face flags must be the
+    teacher's; --erp-size cannot apply)."""
+    db = _load_database(database, data_root)
     key = database_key(db)
-    run = Path(run_dir) if run_dir else find_teacher_run(TEACHER, key, db.name, f"python teacher_train.py --database {database}")
+    run = Path(run_dir) if run_dir else find_teacher_run(
+        TEACHER, key, db.name, _command("teacher_train.py", "--database", database), near=(db.root,))
     record = read_run_record(run, TEACHER)
     if record["database"]["key"] != key:
         raise UserError(f"{run}: a teacher of {record['database']['key']} ({record['database']['root']}), not of "
                         f"{key} ({db.root})")
-    folds = load_folds(record["folds"]["path"], db)
+    _refuse_teacher_mismatch(explicit, data, record, run)
+    folds_path = _folds_file(record["folds"]["path"], db)
+    folds = load_folds(folds_path, db)
     if folds.digest() != record["folds"]["sha256"]:
-        raise UserError(f"{record['folds']['path']}: changed since the teacher run {run} was trained; retrain the teacher")
+        raise UserError(f"{folds_path}: changed since the teacher run {run} was trained; retrain the teacher")
     if fold is not None and not 0 <= fold < len(folds):
         raise UserError(f"--fold {fold} is out of range: folds 0..{len(folds) - 1}")
-    fold_ids = [fold] if fold is not None else finished_folds(run)
-    if not fold_ids:
-        raise UserError(f"{run}: no finished fold (fold<k>/checkpoint.pt); finish the teacher with "
-                        f"`python teacher_train.py --resume --out {run}`")
+    resume = _command("teacher_train.py", "--resume", "--out", run)
+    planned = [record["settings"]["run"]["fold"]] if record["settings"]["run"].get("fold") is not None \
+        else list(range(len(folds)))
+    finished = finished_folds(run)
+    unfinished = [k for k in planned if k not in finished]
+    if fold is None and unfinished:
+        done = [k for k in planned if k in finished]
+        only = f", or make the finished folds' features with --fold {done[0]}" + (" (one at a time)" if len(done) > 1
+                                                                                  else "") if done else ""
+        raise UserError(f"{run}: fold{'s' if len(unfinished) > 1 else ''} {', '.join(map(str, unfinished))} of this "
+                        f"teacher {'have' if len(unfinished) > 1 else 'has'} not finished training, and a student needs "
+                        f"every fold's features; finish it with `{resume}`{only}")
+    fold_ids = [fold] if fold is not None else planned
     out_dir = Path(features_dir) if features_dir else default_features_dir(key)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: is a file, expected a folder for the feature cache")
-    checkpoints = {k: _teacher_checkpoint(run, k, f"python teacher_train.py --resume --out {run}") for k in fold_ids}
+    checkpoints = {k: _teacher_checkpoint(run, k, resume) for k in fold_ids}
+    check_run_folds(run, [path for _, path in checkpoints.values()], [ckpt for ckpt, _ in checkpoints.values()], record)
     device = resolve_device(runtime.device)
     store = _teacher_store(db, record, data, device, runtime.progress)
-    rebuild = feat_save_command(database, run, features_dir)
+    # Stored in the feature files, so that it works from any working folder.
+    rebuild = feat_save_command(_portable_database(database), run.resolve(),
+                                Path(features_dir).resolve() if features_dir else None,
+                                data_root=_portable_root(data_root))
     written = []
     for k in fold_ids:
         feats, ckpt = _teacher_features(checkpoints[k], store, batch_size, _feature_amp(runtime, record, device), device,
@@ -159,15 +276,34 @@ def save_teacher_features(database: str, data_root: str | None, run_dir: str | N
         out = fold_feature_path(out_dir, k)
         save_features(out, db=db, names=store.images, feats=feats, fold=k, test_images=folds.folds[k].test,
                       folds_sha256=folds.digest(), face_size=store.data.face_size, rebuild=rebuild,
-                      provenance={"kind": "teacher run", "teacher_run": str(run), "teacher_checkpoint": ckpt,
+                      provenance={"kind": "teacher run", "teacher_run": str(run.resolve()), "teacher_checkpoint": ckpt,
                                   "teacher_checkpoint_sha256": sha256_file(ckpt), "protocol": record.get("protocol"),
-                                  "folds_path": record["folds"]["path"]})
+                                  "folds_path": str(folds_path.resolve())})
         print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]})", flush=True)
         written.append(out)
-    dir_flag = f" --features-dir {features_dir}" if features_dir else ""
-    carried = cli.carried_flags(cli.student_parser(), record.get("args") or {}, cli.CARRIED_TO_STUDENT)
-    _next(f"python mask_train.py --database {database}{dir_flag}" + "".join(f" {shlex.quote(t)}" for t in carried))
+    _next(student_command("mask_train.py", ["--database", database,
+                                            *(["--features-dir", features_dir] if features_dir else [])],
+                          record, data_root))
     return written
+
+
+def student_command(script: str, words: list[str], teacher: dict, data_root: str | None) -> str:
+    """The student's command after the features of the teacher run `teacher` (its args.json): `words`, then the
+    user's own flags of that run that the student takes too, at the teacher's scale (its epochs, an ERP size
+    four times its face size as the paper's 1024x512 to 256, distillation phases that fit those epochs)."""
+    args = dict(teacher.get("args") or {})
+    if data_root:
+        args["data_root"] = data_root
+    parser = cli.student_parser(cross=script == "crossdb_train.py")
+    words = [*words, *cli.carried_flags(parser, args, cli.CARRIED_TO_STUDENT)]
+    face = int((teacher.get("settings") or {}).get("data", {}).get("face_size") or 256)
+    if "--erp-size" not in words and face < 256:
+        words += ["--erp-size", f"{4 * face}x{2 * face}"]
+    epochs = int(args.get("epochs") or 100)
+    if epochs < 11:  # the default phases (5 + 5 epochs) would leave no mask phase: refused by mask_train.py
+        phase = (epochs - 1) // 3
+        words += ["--kd-warmup", str(phase), "--kd-feature-epochs", str(phase)]
+    return _command(script, *words)
 
 
 def save_authors_features(database: str, data_root: str | None, folder: str, features_dir: str | None, *,
@@ -175,7 +311,7 @@ def save_authors_features(database: str, data_root: str | None, folder: str, fea
     """feat_save.py --from-authors: the authors' released features as our checked cache, on their folds
     (`folds/authors.json` of the database unless `folds_file`). Every file is read and checked before
     anything is written."""
-    db = load_database(database, data_root, check_files=False)
+    db = _load_database(database, data_root, check_files=False)
     authors = Path(folds_file) if folds_file else db.folds_dir() / AUTHORS_FILE
     if not authors.is_file():
         raise UserError(f"{authors}: the authors' features belong to their folds; import them first with "
@@ -183,7 +319,8 @@ def save_authors_features(database: str, data_root: str | None, folder: str, fea
                         f"<DB>_trainc_k.csv / _testc_k.csv)")
     folds = load_folds(authors, db)
     out_dir = Path(features_dir) if features_dir else default_features_dir(database_key(db))
-    rebuild = feat_save_command(database, features_dir=features_dir, from_authors=folder)
+    rebuild = feat_save_command(_portable_database(database), features_dir=Path(features_dir).resolve() if features_dir
+                                else None, from_authors=Path(folder).resolve(), data_root=_portable_root(data_root))
     sources = authors_fold_dirs(Path(folder), db, len(folds))
     read = [read_authors_fold(source, db) for source in sources]
     written = []
@@ -191,22 +328,27 @@ def save_authors_features(database: str, data_root: str | None, folder: str, fea
         out = fold_feature_path(out_dir, k)
         save_features(out, db=db, names=db.images, feats=feats, fold=k, test_images=folds.folds[k].test,
                       folds_sha256=folds.digest(), face_size=None, rebuild=rebuild,
-                      provenance={"kind": "authors' release", "source": str(source), "files_sha256": digest,
-                                  "folds_path": str(authors), "protocol": "paper"})
+                      provenance={"kind": "authors' release", "source": str(source.resolve()), "files_sha256": digest,
+                                  "folds_path": str(authors.resolve()), "protocol": "paper"})
         print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]}, the authors' fold {k + 1})", flush=True)
         written.append(out)
-    _next(f"python mask_train.py --database {database}" + (f" --features-dir {features_dir}" if features_dir else ""))
+    _next(_command("mask_train.py", "--database", database, *(["--data-root", data_root] if data_root else []),
+                   *(["--features-dir", features_dir] if features_dir else [])))
     return written
 
 
 def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir: str | None, features_dir: str | None,
-                          *, data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32) -> Path:
-    """crossdb_feat.py: the features of all of A from the cross-database teacher A -> B."""
+                          *, data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32,
+                          explicit: frozenset[str] = frozenset()) -> Path:
+    """crossdb_feat.py: the features of all of A from the cross-database teacher A -> B. `explicit`: the flags
+    given on the command line (face flags must be the teacher's)."""
     pair = load_pair(train, test, data_root)
     run = Path(run_dir) if run_dir else find_teacher_run(
         CROSS_TEACHER, pair.key, f"{pair.train.name} -> {pair.test.name}",
-        f"python teacher_crossdb_train.py --database-train {train} --database-test {test}")
+        _command("teacher_crossdb_train.py", "--database-train", train, "--database-test", test),
+        near=(pair.train.root, pair.test.root))
     record = read_run_record(run, CROSS_TEACHER)
+    _refuse_teacher_mismatch(explicit, data, record, run)
     if record["database"]["key"] != database_key(pair.train):
         raise UserError(f"{run}: a teacher trained on {record['database']['key']}, not on {database_key(pair.train)}")
     if (record.get("test_database") or {}).get("key") != database_key(pair.test):
@@ -215,7 +357,7 @@ def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir:
     out_dir = Path(features_dir) if features_dir else default_features_dir(pair.key)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: is a file, expected a folder for the feature cache")
-    checkpoint = _teacher_checkpoint(run, 0, f"python {CROSS_TEACHER}.py --resume --out {run}")
+    checkpoint = _teacher_checkpoint(run, 0, _command(f"{CROSS_TEACHER}.py", "--resume", "--out", run))
     device = resolve_device(runtime.device)
     store = _teacher_store(pair.train, record, data, device, runtime.progress)
     feats, ckpt = _teacher_features(checkpoint, store, batch_size, _feature_amp(runtime, record, device), device,
@@ -223,46 +365,128 @@ def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir:
     out = out_dir / CROSS_FILE
     save_features(out, db=pair.train, names=pair.train.images, feats=feats, fold=None, test_images=pair.test.images,
                   folds_sha256=pair.folds().digest(), face_size=store.data.face_size,
-                  rebuild=crossdb_feat_command(train, test, run, features_dir),
-                  provenance={"kind": "teacher run", "teacher_run": str(run), "teacher_checkpoint": ckpt,
+                  rebuild=crossdb_feat_command(_portable_database(train), _portable_database(test), run.resolve(),
+                                               Path(features_dir).resolve() if features_dir else None),
+                  provenance={"kind": "teacher run", "teacher_run": str(run.resolve()), "teacher_checkpoint": ckpt,
                               "teacher_checkpoint_sha256": sha256_file(ckpt), "protocol": record.get("protocol")})
     print(f"wrote {out} ({feats.shape[0]} images of {pair.train.name} x {feats.shape[1]})", flush=True)
-    dir_flag = f" --features-dir {features_dir}" if features_dir else ""
-    _next(f"python crossdb_train.py --database-train {train} --database-test {test}{dir_flag}")
+    _next(student_command("crossdb_train.py", ["--database-train", train, "--database-test", test,
+                                               *(["--features-dir", features_dir] if features_dir else [])],
+                          record, data_root))
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # The student.
 
-def train_student(settings: TrainingSettings) -> Run:
-    """The ERP student (--kd mask|feature|none) on one database, or on all of A tested on all of B."""
+def train_student(settings: TrainingSettings, explicit: frozenset[str] = frozenset()) -> Run:
+    """The ERP student (--kd mask|feature|none) on one database, or on all of A tested on all of B.
+    `explicit`: the flags given on the command line (a split flag the teacher's split overrides is refused)."""
     if settings.script == "crossdb_train":
         return _train_cross_student(settings)
     distill, database = settings.distill, settings.run.database
-    db = load_database(database, settings.run.data_root)
+    db = _load_database(database, settings.run.data_root)
     features_dir = Path(distill.features_dir) if distill.features_dir else default_features_dir(database_key(db))
     hint = feat_save_command(database, features_dir=distill.features_dir)  # the latest teacher's features, there
+    sources: dict[int, dict] = {}
     if distill.kd != "none":
         # The student uses the teacher's split: its feature of a test image comes from a teacher that never
         # trained on it. Any fold's file tells the split; an out-of-range --fold is refused by start_run.
         peek = settings.run.fold if settings.run.fold is not None and fold_feature_path(features_dir, settings.run.fold).is_file() else 0
+        _features_exist(fold_feature_path(features_dir, peek), features_dir, db, hint)
         teacher = peek_features(fold_feature_path(features_dir, peek), hint)
-        folds = load_folds(settings.run.folds_file or teacher["provenance"]["folds_path"], db)
+        folds = load_folds(settings.run.folds_file or _folds_file(teacher["provenance"]["folds_path"], db), db)
+        _refuse_split_flags(folds, db, settings, explicit, f"the split of the teacher features in {features_dir}",
+                            "a distilled student trains on its teacher's split: drop the flag, or make features of "
+                            "a teacher trained on that split")
+        if "face_size" in explicit and teacher.get("face_size") not in (None, settings.data.face_size):
+            raise UserError(f"--face-size {settings.data.face_size}: the teacher features in {features_dir} come from "
+                            f"{teacher['face_size']}-px faces; drop --face-size (the student sees the ERP image), or "
+                            f"make features of a {settings.data.face_size}-px teacher")
         _note_protocols(settings, teacher)
     else:
-        folds = _baseline_split(settings, db, features_dir)
+        folds = _baseline_split(settings, db, features_dir, explicit)
+    check_resumed_run(settings, db, folds)
     run_folds = [settings.run.fold] if settings.run.fold is not None and 0 <= settings.run.fold < len(folds) else range(len(folds))
-    features = {} if distill.kd == "none" else {  # every fold's cache checked before any training starts
-        k: load_features(fold_feature_path(features_dir, k), db, fold=k, test_images=folds.folds[k].test,
-                         rebuild_hint=hint)
-        for k in run_folds}
+    features = {}
+    for k in ([] if distill.kd == "none" else run_folds):  # every fold's cache checked before any training starts
+        features[k], sources[k] = load_teacher_features(fold_feature_path(features_dir, k), db, fold=k,
+                                                        test_images=folds.folds[k].test, rebuild_hint=hint)
     run = start_run(settings, db, folds=folds)
+    run.record["teacher_features"] = _teachers_of_run(run, sources) if distill.kd != "none" else None
     train_folds(run, lambda fold, split: student_method(settings.model, distill),
                 features_for_fold=features.get if features else None)
-    device = [f"--device {settings.runtime.device}"] if settings.runtime.device else []
-    _next(" ".join([f"python predict.py {run.run_dir} my_360_photos/", *device]))
+    image = db.root / db.images[0]
+    _next(_command("predict.py", run.run_dir, image,
+                   *(["--device", settings.runtime.device] if settings.runtime.device else [])))
     return run
+
+
+def _features_exist(path: Path, features_dir: Path, db: Database, hint: str) -> None:
+    """No teacher features where the student looks: say what the (relative) folder is relative to, and name
+    this database's features found beside the database or in the checkout."""
+    if path.is_file():
+        return
+    if features_dir.is_absolute():
+        raise UserError(f"{path}: no teacher features; make them with `{hint}` (or train with --kd none)")
+    where = f"{path} (relative to the working folder {Path.cwd()})"
+    found = [folder / features_dir for folder in project_folders(db.root) if (folder / path).is_file()]
+    if found:
+        raise UserError(f"{where}: no teacher features; this database's features are in {found[0]}: add "
+                        f"`--features-dir {shlex.quote(str(found[0]))}`")
+    raise UserError(f"{where}: no teacher features; make them with `{hint}` (or train with --kd none)")
+
+
+def _teachers_of_run(run: Run, sources: dict[int, dict]) -> dict[str, dict]:
+    """args.json's `teacher_features`: each fold's teacher (run, checkpoint and its SHA-256, the feature file),
+    printed with the header. A resumed run must find the teacher each of its folds started with."""
+    record = {str(k): source for k, source in sources.items()}
+    if run.settings.run.resume:
+        try:
+            before = json.loads((run.run_dir / "args.json").read_text(encoding="utf-8")).get("teacher_features") or {}
+        except (OSError, ValueError, AttributeError):
+            before = {}
+        for k, source in record.items():
+            old = before.get(k) if isinstance(before, dict) else None
+            if old and _teacher_id(old) != _teacher_id(source):
+                raise UserError(f"{run.run_dir}: fold {k} was trained from the features of {_teacher_name(old)}, but "
+                                f"{source['features']} now holds those of {_teacher_name(source)}; a resumed run "
+                                f"keeps its teacher: make that teacher's features again (feat_save.py --run ... --fold "
+                                f"{k}) or start a new --out")
+    if DIST.is_main and record:
+        runs = {source.get("teacher_run") or source.get("source") for source in record.values()}
+        shas = ", ".join(f"fold {k} {str(source.get('teacher_checkpoint_sha256') or source.get('files_sha256'))[:12]}"
+                         for k, source in record.items())
+        what = next(iter(runs)) if len(runs) == 1 else "; ".join(f"fold {k} {_teacher_name(v)}" for k, v in record.items())
+        kind = "teacher run" if all(v.get("kind") == "teacher run" for v in record.values()) else "teacher features"
+        print(f"teacher: {kind} {what} (checkpoint sha256 {shas}), features {Path(next(iter(record.values()))['features']).parent}",
+              flush=True)
+        _note_newer_teacher(run, record)
+    return record
+
+
+def _teacher_id(source: dict) -> tuple:
+    return source.get("kind"), source.get("teacher_checkpoint_sha256"), source.get("files_sha256")
+
+
+def _teacher_name(source: dict) -> str:
+    if source.get("kind") == "teacher run":
+        return f"the teacher run {source.get('teacher_run')} (checkpoint sha256 {str(source.get('teacher_checkpoint_sha256'))[:12]})"
+    return f"the authors' release {source.get('source')}"
+
+
+def _note_newer_teacher(run: Run, record: dict[str, dict]) -> None:
+    """A finished teacher run of this database newer than the one the features come from is named: the student
+    does not learn from it until its features are made."""
+    latest = latest_finished_run(TEACHER, database_key(run.db))
+    used = {Path(v["teacher_run"]).resolve() for v in record.values() if v.get("teacher_run")}
+    if latest is None or not used or latest.resolve() in used:
+        return
+    newest = max(((Path(p) / "results.csv").stat().st_mtime_ns for p in used if (Path(p) / "results.csv").is_file()),
+                 default=0)
+    if (latest / "results.csv").stat().st_mtime_ns > newest:
+        print(f"note: a newer finished teacher run, {latest}, is not the one these features come from; to learn from "
+              f"it, make its features first (`{feat_save_command(run.settings.run.database, latest)}`)", flush=True)
 
 
 def _note_protocols(settings: TrainingSettings, teacher: dict) -> None:
@@ -272,15 +496,17 @@ def _note_protocols(settings: TrainingSettings, teacher: dict) -> None:
               f"{settings.protocol}", flush=True)
 
 
-def _baseline_split(settings: TrainingSettings, db: Database, features_dir: Path) -> FoldSet:
+def _baseline_split(settings: TrainingSettings, db: Database, features_dir: Path,
+                    explicit: frozenset[str] = frozenset()) -> FoldSet:
     """--kd none: the split of the teacher features beside it (as the mask-KD student takes it), so that the
-    baseline and the student are compared fold by fold; --folds-file, or no features, the default split."""
+    baseline and the student are compared fold by fold; --folds-file, an explicit --folds or --split-seed, or no
+    features, the split those flags name."""
     run_cfg = settings.run
     path = fold_feature_path(features_dir, 0)
-    if run_cfg.folds_file is None and path.is_file():
+    if run_cfg.folds_file is None and path.is_file() and not explicit & {"folds", "split_seed"}:
         try:
             theirs = peek_features(path, "")
-            folds_path = (theirs.get("provenance") or {}).get("folds_path")
+            folds_path = _folds_file((theirs.get("provenance") or {}).get("folds_path"), db)
         except UserError:
             folds_path = None
         if folds_path and Path(folds_path).is_file():
@@ -357,7 +583,7 @@ def run_training(script: str, argv: list[str], run_dir: Path, label: str) -> str
         return state
     if DIST.is_main:
         print(f"{label}: {'resuming' if state == 'partial' else 'training'} in {run_dir}", flush=True)
-    (train_teacher if "teacher" in script else train_student)(settings)
+    (train_teacher if "teacher" in script else train_student)(settings, explicit)
     return state
 
 

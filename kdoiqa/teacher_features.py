@@ -41,10 +41,12 @@ def images_digest(images: Sequence[str]) -> str:
 
 
 def feat_save_command(database: str, run: str | Path | None = None, features_dir: str | Path | None = None, *,
-                      from_authors: str | Path | None = None) -> str:
+                      from_authors: str | Path | None = None, data_root: str | Path | None = None) -> str:
     """The command that (re)builds a database's per-fold features: from a teacher run (default: the
     latest finished one), or from the authors' release."""
     words = ["python feat_save.py", "--database", shlex.quote(str(database))]
+    if data_root is not None:
+        words += ["--data-root", shlex.quote(str(data_root))]
     if run is not None:
         words += ["--run", shlex.quote(str(run))]
     if from_authors is not None:
@@ -70,11 +72,13 @@ def save_features(path: Path, *, db: Database, names: Sequence[str], feats: torc
                   rebuild: str) -> None:
     """Write a feature file. `provenance`: {"kind": "teacher run", "teacher_checkpoint": path, ...} or
     {"kind": "authors' release", ...}; a checkpoint path is stored relative to the feature file, so a
-    project folder moved as a whole keeps its caches valid."""
+    project folder moved as a whole keeps its caches valid, and absolute, so a feature folder copied
+    elsewhere alone finds its teacher too."""
     provenance = dict(provenance)
     if "teacher_checkpoint" in provenance:
-        provenance["teacher_checkpoint"] = os.path.relpath(Path(provenance["teacher_checkpoint"]).resolve(),
-                                                           Path(path).parent.resolve())
+        absolute = Path(provenance["teacher_checkpoint"]).resolve()
+        provenance["teacher_checkpoint"] = os.path.relpath(absolute, Path(path).parent.resolve())
+        provenance["teacher_checkpoint_absolute"] = str(absolute)
     atomic_torch_save({
         "format": FORMAT_VERSION,
         "database": {"name": db.name, "key": database_key(db), "meta_sha256": db.meta_sha256},
@@ -108,6 +112,35 @@ def peek_features(path: Path, rebuild_hint: str) -> dict:
 def load_features(path: Path, db: Database, *, fold: int | None, test_images: Sequence[str] | None,
                   rebuild_hint: str) -> dict[str, torch.Tensor]:
     """name -> feature for every image of `db`, after every staleness check."""
+    return load_teacher_features(path, db, fold=fold, test_images=test_images, rebuild_hint=rebuild_hint)[0]
+
+
+def features_source(path: Path, record: dict) -> dict:
+    """Where a feature file's features come from, in absolute paths (what a student records of its teacher):
+    {"features", "kind": "teacher run", "teacher_run", "teacher_checkpoint", "teacher_checkpoint_sha256",
+    "protocol"} or {"features", "kind": "authors' release", "source", "files_sha256", "protocol"}."""
+    provenance = dict(record.get("provenance") or {})
+    source = {"features": str(Path(path).resolve()), "kind": provenance.get("kind"),
+              "protocol": provenance.get("protocol")}
+    if provenance.get("kind") == "teacher run":
+        ckpt = teacher_checkpoint_of(Path(path), provenance).resolve()
+        source.update(teacher_run=str(ckpt.parent.parent), teacher_checkpoint=str(ckpt),
+                      teacher_checkpoint_sha256=provenance.get("teacher_checkpoint_sha256"))
+    else:
+        source.update(source=provenance.get("source"), files_sha256=provenance.get("files_sha256"))
+    return source
+
+
+def teacher_checkpoint_of(path: Path, provenance: dict) -> Path:
+    """The teacher checkpoint a feature file names: relative to the file, else at its absolute path."""
+    relative = Path(path).parent / provenance["teacher_checkpoint"]
+    absolute = provenance.get("teacher_checkpoint_absolute")
+    return Path(absolute) if not relative.is_file() and absolute and Path(absolute).is_file() else relative
+
+
+def load_teacher_features(path: Path, db: Database, *, fold: int | None, test_images: Sequence[str] | None,
+                          rebuild_hint: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """`load_features` and the file's `features_source`: the features and the teacher they come from."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no teacher features; make them with `{rebuild_hint}`")
@@ -133,17 +166,18 @@ def load_features(path: Path, db: Database, *, fold: int | None, test_images: Se
                         f"rebuild with `{rebuild}`")
     provenance = record.get("provenance") or {}
     if provenance.get("kind") == "teacher run":
-        ckpt = path.parent / provenance["teacher_checkpoint"]
-        if not ckpt.is_file():
-            raise UserError(f"{path}: its teacher checkpoint {ckpt} is gone, so the cache cannot be verified; "
-                            f"rebuild with `{rebuild}`")
+        ckpt = teacher_checkpoint_of(path, provenance)
+        if not ckpt.is_file():  # the run it names is gone too, or moved: rebuild from the latest teacher run
+            raise UserError(f"{path}: its teacher checkpoint {ckpt} is gone (the teacher run deleted or moved?), so "
+                            f"the cache cannot be verified; rebuild it with `{rebuild_hint or rebuild}` (another "
+                            f"teacher run: add --run RUN)")
         if sha256_file(ckpt) != provenance["teacher_checkpoint_sha256"]:
             raise UserError(f"{path}: stale: the teacher checkpoint {ckpt} changed after these features were saved; "
                             f"rebuild with `{rebuild}`")
     feats = record["feats"]
     if feats.ndim != 2 or feats.shape[0] != len(names):
         raise UserError(f"{path}: feats shaped {list(feats.shape)} for {len(names)} names; rebuild with `{rebuild}`")
-    return {name: feats[i] for i, name in enumerate(names)}
+    return {name: feats[i] for i, name in enumerate(names)}, features_source(path, record)
 
 
 # ----------------------------------------------------------------------------------------------

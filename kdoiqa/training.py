@@ -459,6 +459,7 @@ def _save_final(run: Run, k: int, state: FoldState, epoch: int, history: list[di
                      "score": run.db.describe_scores()},
         "target_scale": {"offset": scale.offset, "scale": scale.scale},
         "folds": {"sha256": run.folds.digest(), "k": len(run.folds), "fold": k},
+        "teacher_features": (run.record.get("teacher_features") or {}).get(str(k)),  # a student's teacher, per fold
     })
     (fold_dir / RESUME).unlink(missing_ok=True)
 

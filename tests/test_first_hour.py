@@ -336,8 +336,10 @@ def test_readme_first_hour_runs_as_written(tmp_path):
         argv = shlex.split(command)
         assert argv[0] == "python", command
         if argv[1] == "predict.py":
-            # The placeholders: the run that mask_train.py named in its "next:" line, and a folder of photos.
-            assert re.fullmatch(r"python predict\.py runs/mask_train/\S+/\S+ my_360_photos/", next_hint), next_hint
+            # The placeholders: the run that mask_train.py named in its "next:" line (with an image of the
+            # database), and a folder of photos.
+            assert re.fullmatch(r"python predict\.py runs/mask_train/\S+/\S+ data/Synthetic/images/\S+\.png", next_hint), \
+                next_hint
             assert argv[2] == "runs/mask_train/<key>/<run>" and argv[3] == "my_360_photos/"
             argv[2] = next_hint.split()[2]
             photos = clone / "my_360_photos"
