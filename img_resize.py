@@ -1,16 +1,17 @@
 """Pre-compute a database's network inputs once, as lossless PNGs: the student's resized ERP images,
 or with --faces the teacher's six cube faces (the paper's img_resize.py and its MATLAB viewport script).
 
-ERP: `<db>/erp_<W>x<H>/<stem>.png`. Faces: `<db>/faces_<size>/<stem>_{F,R,BA,L,T,BO}.png`, sampled at
-the paper's native size 8*floor(W/pi/8) and antialiased to the face size, projected batched on the
-device; `--protocol paper` (or `--face-jpeg-quality 75`) writes the paper's MATLAB pipeline instead, to
-`faces_<size>_jpeg75/`: native-size faces stored as JPEG 75, then resized with PIL's bicubic filter.
+ERP: `<db>/erp_<W>x<H>/<stem>.png`. Faces: `<db>/faces_<size>/<stem>_{F,R,BA,L,T,BO}.png`, ours:
+py360convert's geometry sampled at the native size 8*floor(W/pi/8) and antialiased to the face size,
+projected batched on the device. `--protocol paper` (or `--face-jpeg-quality 75`) writes the paper's chain
+instead, to `faces_<size>_equi2cubic_jpeg75/`: the faces of its equi2cubic.m (viewport/equi2cubic.py) at
+the native size, stored as JPEG 75, then resized with PIL's bicubic filter.
 Up-to-date files are skipped, so a re-run only redoes what changed. Training reads these files when
 present (else it computes the same pixels on the fly).
 
     python img_resize.py --database OIQA                             # data/OIQA/erp_1024x512/...
     python img_resize.py --database OIQA --faces                     # data/OIQA/faces_256/...
-    python img_resize.py --database OIQA --faces --protocol paper    # data/OIQA/faces_256_jpeg75/...
+    python img_resize.py --database OIQA --faces --protocol paper    # data/OIQA/faces_256_equi2cubic_jpeg75/...
     python img_resize.py --database data/my_db --erp-size 512x256 --threads 8
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ def build_parser() -> Parser:
     g.add_argument("--faces", action="store_true", help="write the six cube faces instead of the resized ERP")
     g.add_argument("--face-size", type=positive, default=256, help="face side in pixels (the paper's 256)")
     g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="ours",
-                   help="ours: lossless faces; paper: JPEG-75 faces as its MATLAB script")
+                   help="ours: lossless faces (py360convert's geometry); paper: its equi2cubic.m's faces through JPEG 75")
     g.add_argument("--face-jpeg-quality", type=positive, default=None, metavar="N",
                    help="store the native-size faces as JPEG of quality N first (default by --protocol: ours "
                         "lossless, paper 75)")

@@ -4,9 +4,11 @@ Measured side by side in one run, median of `--repeat` timed calls after a warm-
   (a) the six 256x256 cube faces of a 2048x1024 float32 ERP, ours (antialias=False, grid cached)
       vs `py360convert.e2p` looped over the faces;
   (b) twenty 90 degree 256x256 viewports with centres spread over the sphere, same comparison;
-  (c) what antialias=True (the paper's native-resolution pipeline) costs over antialias=False for (a);
+  (c) what antialias=True (ours: sampled at the paper's native face size, then resized) costs over (a);
   (d) with --device cuda: images/s for the six antialiased 256x256 faces of 4096x2048 uint8 ERPs
-      already on the GPU, for several batch sizes.
+      already on the GPU, for several batch sizes;
+  (e) the paper's geometry (`viewport.equi2cubic`, float64) against ours (antialias=False) for the six
+      native-size 648x648 faces of a 2048x1024 uint8 ERP, on the device.
 Prints one JSON object (timings in ms: median and fastest call; max abs differences in [0, 1]
 units; the 1-minute load average, since other processes skew CPU timings) and a summary line.
 
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_utils import machine, report, timed
 
+from viewport.equi2cubic import equi2cubic
 from viewport.project import FACE_CENTERS_DEG, cube_faces, extract, native_face_size
 
 
@@ -102,6 +105,7 @@ def main() -> int:
     if py360convert is not None:
         compare_with_py360convert(result, img, erp, n, compare, sync, args.repeat)
     d_cuda(result, device, n, args, sync)
+    e_equi2cubic(result, img, device, args.repeat, sync)
     if hasattr(os, "getloadavg"):  # other processes on the machine skew CPU timings
         result["loadavg_1min_before_after"] = [load_before, os.getloadavg()[0]]
     result["machine"] = machine(device)
@@ -118,6 +122,9 @@ def main() -> int:
     if "d_cuda_uint8_4096x2048_antialias" in result:
         best = max(r["images_per_s"] for r in result["d_cuda_uint8_4096x2048_antialias"]["batches"].values())
         parts.append(f"cuda {best:.0f} images/s (4096x2048 uint8, six antialiased 256 px faces each; target >= 2000)")
+    e = result["e_equi2cubic_2048x1024_uint8"]
+    parts.append(f"the paper's equi2cubic {e['equi2cubic_ms']:.0f} ms vs ours {e['ours_native_ms']:.0f} ms "
+                 f"(six {e['native_size']} px faces)")
     report("viewport", result, f"{device.type} x{args.threads}: " + "; ".join(parts))
     return 0
 
@@ -160,7 +167,6 @@ def compare_with_py360convert(result: dict, img: np.ndarray, erp: torch.Tensor, 
                              "mean_abs_diff_vs_exact": float(diff_c.mean())}
 
 
-
 def d_cuda(result: dict, device: torch.device, n: int, args: argparse.Namespace, sync: Callable) -> None:
     """(d) GPU throughput on decoded uint8 batches."""
     if device.type != "cuda":
@@ -174,6 +180,15 @@ def d_cuda(result: dict, device: torch.device, n: int, args: argparse.Namespace,
         rows[str(bs)] = {"ms_per_batch": ms, "images_per_s": 1e3 * bs / ms}
         del batch
     result["d_cuda_uint8_4096x2048_antialias"] = {"native_size": native_face_size(4096), "batches": rows}
+
+
+def e_equi2cubic(result: dict, img: np.ndarray, device: torch.device, repeat: int, sync: Callable) -> None:
+    """(e) the paper's cube faces (equi2cubic.m's geometry in float64) against ours, at the native size."""
+    erp = torch.from_numpy((img * 255).round().astype(np.uint8)).permute(2, 0, 1).contiguous()[None].to(device)
+    n0 = native_face_size(erp.shape[-1])
+    row = timed({"equi2cubic": lambda: equi2cubic(erp), "ours_native": lambda: cube_faces(erp, n0, antialias=False)},
+                repeat, sync)
+    result["e_equi2cubic_2048x1024_uint8"] = {"native_size": n0, **row}
 
 
 if __name__ == "__main__":

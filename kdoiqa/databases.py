@@ -119,8 +119,12 @@ class Database:
         return self.erp_dir(erp_size) / f"{image_stem(image)}.png"
 
     def faces_dir(self, face_size: int, jpeg_quality: int | None = None) -> Path:
-        """`faces_<size>/` (lossless), or `faces_<size>_jpeg<q>/` (the paper's JPEG faces)."""
-        return self.root / (f"faces_{face_size}" if jpeg_quality is None else f"faces_{face_size}_jpeg{jpeg_quality}")
+        """`faces_<size>/` (lossless, ours), or `faces_<size>_equi2cubic_jpeg<q>/` (the paper's chain:
+        equi2cubic.m's faces through JPEG q). The name says the geometry, so that the JPEG faces written
+        before the paper's geometry existed (in `faces_<size>_jpeg<q>/`) are never read."""
+        if jpeg_quality is None:
+            return self.root / f"faces_{face_size}"
+        return self.root / f"faces_{face_size}_equi2cubic_jpeg{jpeg_quality}"
 
     def face_paths(self, image: str, face_size: int, jpeg_quality: int | None = None) -> list[Path]:
         stem = image_stem(image)

@@ -1,11 +1,11 @@
 """Files derived from a database's images, written beside it: resized ERPs and cube faces.
 
-`resize_database` writes `<db>/erp_<W>x<H>/<stem>.png` (the student's input) with
-`images.resize_rgb`, the one resize the project uses, so training from the originals and from
-these files gives identical pixels. `extract_database` writes `<db>/faces_<size>[_jpeg<q>]/
-<stem>_{F,R,BA,L,T,BO}.png` (the teacher's input) with `images.project_faces`, the function that
-also projects faces on the fly. Both decode and write with a pool of threads, skip up-to-date
-outputs (newer than their source), check every source before writing anything, and write each
+`resize_database` writes `<db>/erp_<W>x<H>/<stem>.png` (the student's input) with `images.resize_rgb`,
+the one resize the project uses, so training from the originals and from these files gives identical
+pixels. `extract_database` writes `<db>/faces_<size>/` (ours) or `<db>/faces_<size>_equi2cubic_jpeg<q>/`
+(the paper's chain) `<stem>_{F,R,BA,L,T,BO}.png` (the teacher's input) with `images.project_faces`, the
+function that also projects faces on the fly. Both decode and write with a pool of threads, skip
+up-to-date outputs (newer than their source), check every source before writing anything, and write each
 file atomically (lossless PNG), so an interrupted run leaves no torn file.
 """
 from __future__ import annotations

@@ -63,17 +63,20 @@ def load_erp(db: Database, image: str, erp_size: tuple[int, int]) -> np.ndarray:
 def project_faces(erp, face_size: int, jpeg_quality: int | None = None):
     """The six cube faces [B, 6, 3, s, s] uint8 of ERP images [B, 3, H, W] uint8 (on any device).
 
-    Lossless (ours): sampled at the paper's native size 8*floor(W/pi/8) and antialiased to `face_size`
-    on the device. With `jpeg_quality` (the paper's MATLAB pipeline): sampled bilinearly at the native
-    size, each face written as JPEG of that quality and decoded, then resized to `face_size` with PIL's
-    bicubic filter (as the paper's img_resize.py)."""
+    Lossless (ours, the default): py360convert's geometry (`viewport.project.cube_faces`), sampled at
+    the native size 8*floor(W/pi/8) and antialiased to `face_size` on the device. With `jpeg_quality`
+    (the paper's chain, `--protocol paper`): the paper's own faces at that native size
+    (`viewport.equi2cubic`, its equi2cubic.m), each stored as JPEG of that quality and decoded (its
+    MATLAB `imwrite(face, '*.jpg')`), then resized to `face_size` with PIL's bicubic filter (its
+    img_resize.py)."""
     import torch
 
-    from viewport.project import cube_faces, native_face_size
+    from viewport.equi2cubic import equi2cubic
+    from viewport.project import cube_faces
 
     if jpeg_quality is None:
         return cube_faces(erp, face_size, antialias=True)
-    native = cube_faces(erp, native_face_size(erp.shape[-1]), antialias=False).cpu()
+    native = equi2cubic(erp).cpu()
     out = torch.empty((*native.shape[:3], face_size, face_size), dtype=torch.uint8)
     for b in range(native.shape[0]):
         for f in range(native.shape[1]):
@@ -83,11 +86,14 @@ def project_faces(erp, face_size: int, jpeg_quality: int | None = None):
 
 
 def jpeg_roundtrip(pixels: np.ndarray, quality: int) -> np.ndarray:
-    """`pixels` encoded as JPEG of `quality` and decoded again (PIL, 4:2:0 chroma as MATLAB's imwrite)."""
+    """`pixels` encoded as baseline JPEG of `quality` and decoded again, with PIL: libjpeg's standard
+    quantisation tables scaled by the quality and 4:2:0 chroma subsampling (libjpeg's defaults). The
+    paper's MATLAB `imwrite` used quality 75 (its documented default); its documentation does not say
+    which subsampling or tables it writes, so those are libjpeg's defaults, not a verified match."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=int(quality))
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=int(quality), subsampling="4:2:0")
     buffer.seek(0)
     with Image.open(buffer) as img:
         return np.array(img.convert("RGB"))

@@ -61,6 +61,30 @@ def test_faces_match_octave_running_the_papers_file(size):
         assert diff.mean() < 0.05, (size, name, diff.mean())
 
 
+def test_paper_protocol_faces_are_the_papers_chain_from_octaves_faces():
+    """`--protocol paper`'s 256-pixel faces (`project_faces(..., jpeg_quality=75)`) against the paper's
+    chain applied, here with PIL, to the faces Octave made with equi2cubic.m: each stored as JPEG 75
+    (imwrite's default quality), decoded, and resized to 256 with PIL's bicubic filter (img_resize.py)."""
+    import io
+
+    from PIL import Image
+
+    from kdoiqa.images import project_faces
+
+    size = "1000x500"
+    if not reference_available(size):
+        pytest.skip(f"needs the reference faces of equi2cubic.m in {REFERENCE}, absent on this machine")
+    ours = project_faces(erp_tensor(read(REFERENCE / f"erp_{size}.png"))[None], 256, 75)[0]
+    assert ours.shape == (6, 3, 256, 256) and ours.dtype == torch.uint8
+    for k, name in enumerate(NAMES):
+        buffer = io.BytesIO()
+        Image.open(REFERENCE / f"faces_{size}_{name}.png").convert("RGB").save(buffer, format="JPEG", quality=75)
+        with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
+            expected = np.array(decoded.convert("RGB").resize((256, 256), Image.Resampling.BICUBIC)).astype(np.int16)
+        diff = np.abs(ours[k].permute(1, 2, 0).numpy().astype(np.int16) - expected)
+        assert (diff > 1).mean() <= 1e-3 and diff.mean() < 0.05, (name, (diff > 1).mean(), diff.mean())
+
+
 def test_face_size_formula():
     """8 * floor(W / pi / 8), worked by hand: 1024/pi = 325.9 -> 320; 1000/pi = 318.3 -> 312;
     4096/pi = 1303.8 -> 1296; 13320/pi = 4239.9 -> 4232; 50/pi = 15.9 -> 8."""
@@ -81,14 +105,24 @@ def test_batch_equals_one_image_at_a_time():
     assert not torch.equal(batched[0], batched[1])
 
 
+def test_inference_mode_first_then_a_normal_call():
+    """The cached lookup tables made under inference mode (as img_resize.py may call it) serve later calls."""
+    x = random_erp(30, 60, 5)
+    e2c._lookups.cache_clear()
+    with torch.inference_mode():
+        first = equi2cubic(x)
+    assert torch.equal(equi2cubic(x), first)
+    assert not e2c._lookups(60, 30)[0].is_inference()
+
+
 def test_chunked_device_path_on_cpu(monkeypatch):
-    """The sampling is cut into chunks (of any size, across face boundaries) whose budget depends on the
-    device: the CUDA budget, and chunks far smaller than a face, give the same faces on the CPU."""
+    """Each face is sampled in chunks of rows whose budget depends on the device: the CUDA budget, and
+    chunks of 3 rows (the last one a single row), give the same faces on the CPU."""
     x = random_erp(64, 128, 2, batch=2)
     plain = equi2cubic(x)
     monkeypatch.setitem(e2c._CHUNK_ELEMS, "cpu", e2c._CHUNK_ELEMS["cuda"])
     assert torch.equal(equi2cubic(x), plain)
-    monkeypatch.setitem(e2c._CHUNK_ELEMS, "cpu", 2 * 3 * 37)  # 37 pixels a chunk: faces are 40x40
+    monkeypatch.setitem(e2c._CHUNK_ELEMS, "cpu", 2 * 3 * 40 * 3)  # faces are 40x40: chunks of 3 rows
     assert torch.equal(equi2cubic(x), plain)
 
 

@@ -176,6 +176,26 @@ def test_resize_exact_and_load_erp(db):
     assert np.array_equal(read_rgb(db.erp_path("d.png", (64, 32))), read_rgb(db.path("d.png")))
 
 
+def test_resizes_are_the_papers_pil_calls(db, tmp_path):
+    """The paper's img_resize.py: `Image.open(erp).resize((1024, 512))` and, for each face JPEG that its
+    MATLAB script wrote, `Image.open(face).resize((256, 256))`: PIL's default filter (bicubic since
+    Pillow 7). Ours gives the same pixels, for the ERP files and for `--protocol paper`'s faces."""
+    from PIL import Image
+
+    from kdoiqa.images import jpeg_roundtrip
+
+    path = db.path("a.png")
+    with Image.open(path) as img:
+        papers = np.array(img.resize(ERP))
+    assert np.array_equal(resize_rgb(read_rgb(path), ERP), papers)
+    assert np.array_equal(papers, np.array(Image.open(path).resize(ERP, Image.Resampling.BICUBIC)))
+    face = np.random.default_rng(4).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(face).save(tmp_path / "001F.jpg")  # imwrite(out{idx}, '...001F.jpg'): quality 75
+    with Image.open(tmp_path / "001F.jpg") as img:
+        papers = np.array(img.resize((FACE, FACE)))
+    assert np.array_equal(resize_rgb(jpeg_roundtrip(face, 75), (FACE, FACE)), papers)
+
+
 def test_resize_skips_and_redoes(db, capsys):
     code, out, _ = cli(capsys, img_resize, "--database", str(db.root), "--erp-size", "32x16", "--no-progress")
     assert code == 0 and "wrote 5, skipped 0" in out

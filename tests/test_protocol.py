@@ -256,18 +256,19 @@ def test_teacher_records_every_paper_behaviour(dbs, tmp_path):
 
 
 def test_jpeg_faces_are_the_papers_pipeline(dbs, tmp_path):
-    """Faces at native size, through JPEG 75, resized with PIL's bicubic: on the fly and on disk alike."""
+    """The paper's chain: equi2cubic.m's faces at their native size, through JPEG 75, resized with PIL's
+    bicubic; on the fly and on disk alike. Faces written by the earlier geometry are never read."""
     import numpy as np
     from PIL import Image
 
     from kdoiqa.derived_files import extract_database
     from kdoiqa.images import jpeg_roundtrip, load_faces, read_rgb, resize_rgb, to_chw
-    from viewport.project import cube_faces, native_face_size
+    from viewport.equi2cubic import equi2cubic
 
     db = load_database(dbs["B"])
     image = db.images[0]
     erp = to_chw(read_rgb(db.path(image)))
-    native = cube_faces(erp[None], native_face_size(erp.shape[-1]), antialias=False)[0]
+    native = equi2cubic(erp[None])[0]
     expected = []
     for face in native.permute(0, 2, 3, 1).numpy():
         from io import BytesIO
@@ -287,6 +288,11 @@ def test_jpeg_faces_are_the_papers_pipeline(dbs, tmp_path):
 
     shutil.copytree(dbs["B"], copy_root)
     copied = load_database(copy_root)
+    stale = copy_root / "faces_16_jpeg75"  # where the py360convert-geometry JPEG faces used to go
+    stale.mkdir()
+    for path in copied.face_paths(image, 16, 75):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(stale / path.name)
+    np.testing.assert_array_equal(load_faces(copied, image, 16, "auto", jpeg_quality=75), online)
     extract_database(copied, 16, "cpu", 1, jpeg_quality=75, progress=False)
-    assert (copy_root / "faces_16_jpeg75").is_dir() and not (copy_root / "faces_16").exists()
+    assert (copy_root / "faces_16_equi2cubic_jpeg75").is_dir() and not (copy_root / "faces_16").exists()
     np.testing.assert_array_equal(load_faces(copied, image, 16, "disk", jpeg_quality=75), online)

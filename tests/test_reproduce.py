@@ -106,7 +106,7 @@ def test_reproduce_end_to_end_and_a_second_call_redoes_nothing(releases, tmp_pat
     assert oiqa["d_srcc"] == pytest.approx(diff) and np.isnan(oiqa["d_srcc_low"]) and np.isnan(oiqa["d_srcc_high"])
     paper_teacher = json.loads((out / "paper" / "seed2023" / "CVIQ" / "teacher" / "args.json").read_text())
     assert paper_teacher["settings"]["model"]["face_batchnorm"] == "per-face"
-    assert (releases / "data" / "CVIQ" / "faces_16_jpeg75").is_dir()
+    assert (releases / "data" / "CVIQ" / "faces_16_equi2cubic_jpeg75").is_dir()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
     second = script(REPO, *argv).stdout

@@ -1,4 +1,4 @@
-"""viewport.project against py360convert (the paper's viewport tool) and the paper's antialiased pipeline."""
+"""viewport.project (ours) against py360convert, and its antialiased pipeline (the paper's faces: test_equi2cubic.py)."""
 from __future__ import annotations
 
 import math
@@ -239,7 +239,7 @@ def test_bad_arguments():
 
 
 # ----------------------------------------------------------------------------------------------
-# Antialiasing: the paper's pipeline (native-size bilinear faces, then an antialiased resize).
+# Antialiasing (ours): native-size bilinear faces, then an antialiased resize.
 
 def exact_pipeline(img: np.ndarray, centres, fov, size, roll=0.0) -> torch.Tensor:
     """py360convert.e2p at the native size, then torch's antialiased bilinear resize: [N, C, h, w]."""

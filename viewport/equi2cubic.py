@@ -31,7 +31,7 @@ from viewport.layout import FACE_CENTERS_DEG, FACE_NAMES
 
 __all__ = ["FACE_NAMES", "equi2cubic", "equi2cubic_size"]
 
-# Face pixels (times images and channels) sampled together: bounds the float64 temporaries.
+# Face pixels times images and channels sampled together: bounds the float64 temporaries.
 _CHUNK_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
@@ -76,7 +76,8 @@ def _lookups(width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
     atan = ([math.tan(step_atan / 2 - math.pi / 2)]
             + [math.tan(k * step_atan - math.pi / 2) for k in range(1, res_atan)]
             + [math.tan(-step_atan / 2 + math.pi / 2)])
-    return torch.tensor(acos, dtype=torch.float64), torch.tensor(atan, dtype=torch.float64)
+    with torch.inference_mode(False):  # cached: usable outside the inference mode it may be made in
+        return torch.tensor(acos, dtype=torch.float64), torch.tensor(atan, dtype=torch.float64)
 
 
 def _sqrt(values: torch.Tensor) -> torch.Tensor:
@@ -99,28 +100,36 @@ def _interp1_index(table: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_((values < table[0]) | ~(values <= table[-1]), math.nan)
 
 
-def _coordinates(flat: torch.Tensor, n: int, width: int, height: int, fov_deg: float,
+def _coordinates(face: int, rows: tuple[int, int], n: int, width: int, height: int, fov_deg: float,
                  lookups: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-based, clamped ERP coordinates (inX, inY), float64, of the face pixels `flat`
-    (= face * n * n + row * n + column)."""
-    device = flat.device
-    face = flat // (n * n)
-    rest = flat - face * (n * n)
-    row, col = rest // n, rest % n
+    """1-based, clamped ERP coordinates (inX, inY), float64 [rows, n], of the rows ``rows[0]:rows[1]``
+    of face number `face`.
+
+    Every quantity is kept in the shape it varies in ([1, n] along a row, [r, 1] down a column, or a
+    scalar) and broadcast only where it meets another, as equi2cubic.m's per-pixel vectors would be.
+    """
+    lookup_acos, lookup_atan = lookups
+    device = lookup_acos.device
+    f64 = torch.float64
     vfov = fov_deg * math.pi / 180.0
     top_left = (-math.tan(vfov / 2) * (n / n), -math.tan(vfov / 2), 1.0)
     uv = (-2 * top_left[0] / n, -2 * top_left[1] / n, 0.0)
-    p = (top_left[0] + uv[0] * col.to(torch.float64),
-         top_left[1] + uv[1] * row.to(torch.float64),
-         torch.full(flat.shape, top_left[2] + uv[2], dtype=torch.float64, device=device))
-    t = torch.tensor(_transforms(), dtype=torch.float64, device=device)[face]  # [P, 3, 3]
-    # The rotation's entries are 0 and +-1, so this is exact, as MATLAB's product is.
-    x, y, z = ((t[:, r, 0] * p[0] + t[:, r, 1] * p[1]) + t[:, r, 2] * p[2] for r in range(3))
+    col = torch.arange(n, dtype=f64, device=device)[None, :]
+    row = torch.arange(rows[0], rows[1], dtype=f64, device=device)[:, None]
+    p = (top_left[0] + uv[0] * col, top_left[1] + uv[1] * row, torch.tensor(top_left[2] + uv[2], dtype=f64, device=device))
 
+    def rotated(r: int) -> torch.Tensor:
+        # The rotation's entries are 0 and +-1: the one nonzero term of each row is MATLAB's exact product.
+        terms = [coef * p[j] for j, coef in enumerate(_transforms()[face][r]) if coef != 0.0]
+        out = terms[0]
+        for term in terms[1:]:
+            out = out + term
+        return out
+
+    x, y, z = rotated(0), rotated(1), rotated(2)
     nxz = _sqrt(x * x + z * z)
-    pole = nxz < torch.finfo(torch.float64).tiny  # MATLAB's realmin
-    safe = torch.where(pole, torch.ones_like(nxz), nxz)
-    lookup_acos, lookup_atan = lookups
+    pole = nxz < torch.finfo(f64).tiny  # MATLAB's realmin
+    safe = torch.where(pole, 1.0, nxz)
     step_acos, step_atan = math.pi / (2 * width), math.pi / (2 * height)
     phi = _interp1_index(lookup_atan, y / safe) * step_atan - (math.pi / 2)
     theta = _interp1_index(lookup_acos, -z / safe) * step_acos
@@ -132,7 +141,8 @@ def _coordinates(flat: torch.Tensor, n: int, width: int, height: int, fov_deg: f
     in_y = (phi / (math.pi / 2)) * (height / 2) + (height / 2) + 1
     in_x = torch.where(in_x < 1, 1.0, torch.where(in_x >= width, float(width), in_x))
     in_y = torch.where(in_y < 1, 1.0, torch.where(in_y >= height, float(height), in_y))
-    return in_x, in_y
+    shape = (rows[1] - rows[0], n)
+    return in_x.expand(shape), in_y.expand(shape)
 
 
 def _interp2(flat_erp: torch.Tensor, in_x: torch.Tensor, in_y: torch.Tensor, width: int,
@@ -199,12 +209,13 @@ def equi2cubic(erp: torch.Tensor, size: int | None = None, fov_deg: float = 90.0
     work = torch.device("cpu") if x.device.type == "mps" else x.device
     flat_erp = x.to(work).reshape(b, c, height * width)
     lookups = tuple(t.to(work) for t in _lookups(width, height))
-    total = 6 * n * n
-    chunk = max(1, _CHUNK_ELEMS.get(work.type, _CHUNK_ELEMS["cuda"]) // max(1, b * c))
-    out = torch.empty((b, c, total), dtype=torch.uint8, device=work)
-    for start in range(0, total, chunk):
-        flat = torch.arange(start, min(total, start + chunk), device=work)
-        in_x, in_y = _coordinates(flat, n, width, height, float(fov_deg), lookups)
-        out[:, :, start:start + flat.numel()] = _to_uint8(_interp2(flat_erp, in_x, in_y, width, height))
-    faces = out.view(b, c, 6, n, n).transpose(1, 2).contiguous().to(x.device)
+    step = max(1, _CHUNK_ELEMS.get(work.type, _CHUNK_ELEMS["cuda"]) // max(1, b * c * n))  # face rows a chunk
+    out = torch.empty((b, 6, c, n, n), dtype=torch.uint8, device=work)
+    for face in range(6):
+        for start in range(0, n, step):
+            rows = (start, min(n, start + step))
+            in_x, in_y = _coordinates(face, rows, n, width, height, float(fov_deg), lookups)
+            values = _interp2(flat_erp, in_x.reshape(-1), in_y.reshape(-1), width, height)
+            out[:, face, :, rows[0]:rows[1]] = _to_uint8(values).view(b, c, rows[1] - rows[0], n)
+    faces = out.to(x.device)
     return faces[0] if unbatched else faces

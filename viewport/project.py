@@ -1,16 +1,19 @@
-"""Equirectangular (ERP) tensors to rectilinear viewports with one batched ``grid_sample``.
+"""Equirectangular (ERP) tensors to rectilinear viewports with one batched ``grid_sample``: ours.
 
-Conventions (py360convert's and the paper's): longitude 0 is the ERP centre column, positive to
-the right; latitude positive up; output row 0 is the top of the view. Cube faces come in the order
-F, R, BA, L, T, BO = (lon, lat) (0, 0), (90, 0), (180, 0), (-90, 0), (0, 90), (0, -90), 90 degrees.
+Conventions (py360convert's, and the paper's face order and orientation): longitude 0 is the ERP
+centre column, positive to the right; latitude positive up; output row 0 is the top of the view. Cube
+faces come in the order F, R, BA, L, T, BO = (lon, lat) (0, 0), (90, 0), (180, 0), (-90, 0), (0, 90),
+(0, -90), 90 degrees.
 
-``antialias=False`` equals ``py360convert.e2p`` (bilinear) up to float rounding, including its
-one-pixel padding across the +-180 degree seam and over the poles (recomputed from four wrapped
-taps, without copying the ERP). ``antialias=True`` is the paper's pipeline done exactly: sampled at
-the native size (8 * floor(W / pi / 8) for a 90-degree face), then downscaled with
-``F.interpolate(antialias=True)``. Large batches are processed in chunks of bounded memory; grids
-are cached per geometry, dtype and device. Accuracy against py360convert and speed:
-benchmarks/NOTES.md (tests/test_viewport.py holds the tolerances).
+The geometry is py360convert's, not the paper's: ``antialias=False`` equals ``py360convert.e2p``
+(bilinear) up to float rounding, including its one-pixel padding across the +-180 degree seam and over
+the poles (recomputed from four wrapped taps, without copying the ERP). ``antialias=True`` samples that
+geometry at the native size (8 * floor(W / pi / 8) for a 90-degree face, the paper's face size), then
+downscales with ``F.interpolate(antialias=True)``. The paper's own faces (its equi2cubic.m: an
+asymmetric grid, lookup tables, the seam clamped) are `viewport.equi2cubic`; the two differ by
+about 32 dB PSNR on the side faces and 23-24 dB on T and BO (README, "Two protocols"). Large batches
+are processed in chunks of bounded memory; grids are cached per geometry, dtype and device. Accuracy
+against py360convert and speed: benchmarks/NOTES.md (tests/test_viewport.py holds the tolerances).
 """
 from __future__ import annotations
 
@@ -273,8 +276,8 @@ def extract(erp: torch.Tensor, centers_deg: Sequence[Sequence[float]], fov_deg: 
         size: output size, int (square) or (h, w).
         roll_deg: in-plane rotation in degrees (py360convert's ``in_rot_deg``), one value or one
             per centre.
-        antialias: sample at the native resolution and downscale with an antialiased bilinear
-            resize (the paper's pipeline); False samples the output grid directly
+        antialias: sample at the native resolution (the paper's face size rule) and downscale with
+            an antialiased bilinear resize (ours); False samples the output grid directly
             (= ``py360convert.e2p``).
 
     Returns:
@@ -332,8 +335,9 @@ def cube_faces(erp: torch.Tensor, size: Size, *, antialias: bool = True) -> torc
     """The six 90 degree cube faces F, R, BA, L, T, BO of ERP images.
 
     `erp` is [B, 3, H, W] or [3, H, W] (float of any dtype, or uint8), on any device; returns
-    [B, 6, 3, size, size] (or [6, 3, size, size]) in `FACE_NAMES` order. ``antialias=True`` is the
-    paper's pipeline (faces at ``native_face_size(W)``, then an antialiased resize); False
-    equals ``py360convert.e2p(img, 90, lon, lat, (size, size))`` per face.
+    [B, 6, 3, size, size] (or [6, 3, size, size]) in `FACE_NAMES` order, in py360convert's geometry
+    (ours; the paper's faces are `viewport.equi2cubic.equi2cubic`). ``antialias=True``: faces sampled
+    at ``native_face_size(W)``, then an antialiased resize; False equals
+    ``py360convert.e2p(img, 90, lon, lat, (size, size))`` per face.
     """
     return extract(erp, FACE_CENTERS_DEG, 90.0, size, 0.0, antialias=antialias)
