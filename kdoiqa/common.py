@@ -197,7 +197,8 @@ def interrupt_pending() -> bool:
 def deferred_interrupts(message: str = "stopping once the file being written is complete") -> Iterator[None]:
     """Within the block, a first Ctrl-C (SIGINT) or SIGTERM only sets `interrupt_pending()` and prints
     `message`; it is raised as KeyboardInterrupt when the outermost block ends. A second Ctrl-C raises
-    at once, except while a file is being written (`atomic_torch_save`); a second SIGTERM never does. Blocks nest (the outermost one's message is printed); outside the main thread it does nothing."""
+    at once, except while a file is being written (`atomic_torch_save`); a second SIGTERM never does.
+    Blocks nest (the outermost one's message is printed); outside the main thread it does nothing."""
     import signal
     import threading
 
