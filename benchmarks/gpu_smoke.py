@@ -2,11 +2,11 @@
 
 On two small synthetic databases: cube faces, resized ERPs, the teacher, its features, the student
 with mask KD and without, the cross-database trio, predict.py; then the options that only matter on a
-GPU: --amp fp16 (mask KD under loss scaling) and none (fp32), --deterministic, --protocol paper (BatchNorm
-per face, JPEG-75 faces projected on the device, --select test), --cache cpu / none, Ctrl-C then
---resume, --device cuda:0; under torchrun with 2 processes, reproduce.py with a cross-database pair and
-a --parallel batch run whose last batch leaves one process a stand-in row (with --sync-bn on CUDA);
-tests/test_viewport_cuda.py; and --compile last (the slowest). A step that needs CUDA says
+GPU: --amp fp16 (mask KD under loss scaling), --deterministic, --protocol paper (BatchNorm
+per face, JPEG-75 faces projected on the device, --select test, fp32), --cache cpu / none, Ctrl-C then
+--resume, --device cuda:0; under torchrun with 2 processes, reproduce.py on one database and a
+--parallel batch run whose last batch leaves one process a stand-in row (with --sync-bn on CUDA);
+tests/test_viewport_cuda.py; and, as its own part, --compile of one graph (the slowest). A step that needs CUDA says
 "skipped: needs CUDA" on a CPU run. Each step's outcome is appended to $OUT/smoke.jsonl as it ends
 (a killed run keeps the steps before it); the total goes to $OUT/results.jsonl.
 
@@ -115,6 +115,12 @@ def stand_in_batch(folds_file: Path) -> tuple[int, int]:
                 (0, 2 if len(folds[0]["train"]) % 2 else 4))
 
 
+def even_batch(folds_file: Path, fold: int) -> int:
+    """A batch size (4 to 16) that divides the fold's training images: every step has one shape."""
+    train = len(json.loads(folds_file.read_text())["folds"][fold]["train"])
+    return next((bs for bs in range(16, 3, -1) if train % bs == 0), 4)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True, help="scratch folder (its runs are emptied first)")
@@ -142,12 +148,12 @@ def main() -> None:
     student = ["--database", str(a), "--folds", "2", "--features-dir", str(w / "features"), *kd, *small]
     folds_file = a / "folds" / "k2_seed2023.json"
     if args.part == "compile":
-        smoke.step("teacher_train (for its features)", teacher_train.main,
-                   [*teacher, "--fold", "0", "--epochs", "1", "--out", str(w / "teacher")])
-        smoke.step("feat_save", feat_save.main, ["--database", str(a), "--run", str(w / "teacher"), "--features-dir",
-                                                 str(w / "features"), *dev, "--no-progress"])
-        smoke.step("mask_train --compile", mask_train.main,
-                   [*student, "--fold", "0", "--epochs", "2", "--compile", "--out", str(w / "compiled")], needs_cuda=True)
+        # One compiled graph: a student without distillation (no teacher, no features, one phase), one
+        # epoch whose batches all have one size (a partial last batch would compile a second graph).
+        batch = even_batch(folds_file, 0) if folds_file.is_file() else 4
+        smoke.step(f"mask_train --compile (one graph: --kd none, batch {batch})", mask_train.main,
+                   ["--database", str(a), "--folds", "2", "--kd", "none", "--fold", "0", "--epochs", "1",
+                    "--batch-size", str(batch), "--compile", "--out", str(w / "compiled"), *small], needs_cuda=True)
         finish(smoke, args, "compile")
         return
 
@@ -161,7 +167,7 @@ def main() -> None:
         ("feat_save", feat_save.main, ["--database", str(a), "--run", str(w / "teacher"), "--features-dir",
                                        str(w / "features"), *dev, "--no-progress"]),
         ("mask_train --kd mask", mask_train.main, [*student, "--epochs", "2", "--out", str(w / "student_mask")]),
-        ("mask_train --kd none", mask_train.main, ["--database", str(a), "--kd", "none", "--epochs", "2",
+        ("mask_train --kd none", mask_train.main, ["--database", str(a), "--folds", "2", "--kd", "none", "--epochs", "2",
                                                    "--out", str(w / "student_none"), *small]),
         ("teacher_crossdb_train", teacher_crossdb_train.main, [*pair, "--epochs", "1", "--out", str(w / "xteacher"),
                                                                *small]),
@@ -180,11 +186,7 @@ def main() -> None:
     # The options.
     smoke.step("mask_train --amp fp16 (mask KD under loss scaling)", mask_train.main,
                [*student, "--fold", "0", "--epochs", "2", "--amp", "fp16", "--out", str(w / "fp16")], needs_cuda=True)
-    smoke.step("teacher_train --amp none (fp32)", teacher_train.main,
-               [*teacher, "--fold", "0", "--epochs", "1", "--amp", "none", "--out", str(w / "fp32")])
-    smoke.step("feat_save --amp none", feat_save.main, ["--database", str(a), "--run", str(w / "teacher"),
-                                                        "--features-dir", str(w / "features_fp32"), "--amp", "none", *dev,
-                                                        "--no-progress"])
+    # fp32 (--amp none) is the paper protocol's precision: its step below runs it.
     smoke.step("teacher_train --deterministic", teacher_train.main,
                [*teacher, "--fold", "0", "--epochs", "1", "--deterministic", "--out", str(w / "det_teacher")])
     smoke.step("mask_train --deterministic (mask phase)", mask_train.main,
@@ -199,16 +201,19 @@ def main() -> None:
         [*teacher, "--fold", "0", "--epochs", "4"], w / "resumed"))
     smoke.step("teacher_train --device cuda:0", teacher_train.main,
                [*teacher, "--fold", "0", "--epochs", "1", "--device", "cuda:0", "--out", str(w / "cuda0")], needs_cuda=True)
-    smoke.step("torchrun reproduce.py (ours, 2 databases, the cross pair)", launch,
-               ["reproduce.py", "--databases", f"{a},{b}", "--protocols", "ours", "--out", str(w / "reproduction"),
-                "--epochs", "1", "--folds", "2", "--kd-warmup", "0", "--kd-feature-epochs", "0", *small])
+    # Two torchrun launches (each starts 2 processes): reproduce.py on one database (the cross-database
+    # pair under torchrun, a one-split fold set, is tests/test_ddp.py's), and a --parallel batch mask-KD
+    # run whose last batch leaves a process a stand-in row (with --sync-bn on CUDA).
+    smoke.step("torchrun reproduce.py (ours, one database)", launch,
+               ["reproduce.py", "--databases", str(a), "--protocols", "ours", "--no-cross", "--out",
+                str(w / "reproduction"), "--epochs", "1", "--folds", "2", "--kd-warmup", "0", "--kd-feature-epochs", "0",
+                *small])
     fold, batch = stand_in_batch(folds_file) if folds_file.is_file() else (0, 4)
-    smoke.step(f"torchrun --parallel batch, last batch of one image (fold {fold}, batch {batch})", launch,
+    sync_bn = ["--sync-bn"] if cuda else []
+    smoke.step(f"torchrun --parallel batch{' --sync-bn' if cuda else ''}, last batch of one image (fold {fold}, "
+               f"batch {batch})", launch,
                ["mask_train.py", *student, "--fold", str(fold), "--epochs", "2", "--batch-size", str(batch),
-                "--parallel", "batch", "--out", str(w / "batch_parallel")])
-    smoke.step("torchrun --parallel batch --sync-bn", launch,
-               ["mask_train.py", "--database", str(a), "--folds", "2", "--kd", "none", "--fold", "0", "--epochs", "1",
-                "--parallel", "batch", "--sync-bn", "--out", str(w / "sync_bn"), *small], needs_cuda=True)
+                "--parallel", "batch", *sync_bn, "--out", str(w / "batch_parallel")])
     smoke.step("tests/test_viewport_cuda.py", lambda: subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_viewport_cuda.py"], cwd=REPO,
         check=True, capture_output=True), needs_cuda=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and figure of benchmarks/NOTES.md in one call of at most 6 minutes on one H100/H200:
 # the data are made first (untimed), then a CUDA smoke run of every script and option, then the figures.
-# Each step has its own time limit (they sum to 355 s) and, as soon as it ends, one line in
+# Each step has its own time limit (they sum to 360 s) and, as soon as it ends, one line in
 # $OUT/results.jsonl and $OUT/summary.txt (status ok / failed / timed out, its figures): a step that is
 # killed loses only itself. The smoke also appends each of its checks to $OUT/smoke.jsonl. The whole
 # log goes to $OUT/run_gpu.log. OUT defaults to ./bench-out.
@@ -73,28 +73,28 @@ needs_cuda() {  # name: a step that only means something on a GPU, on a CPU run
   echo "== $1: skipped: needs CUDA" | tee -a "$log"; record "$1" "skipped: needs CUDA" 0
 }
 
-# Step limits on a GPU (sum 355 s) and on the CPU:
-run env 10 30 bash -c "date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo 'no nvidia-smi'; \
+# Step limits on a GPU (sum 360 s; each from an estimate of its work, benchmarks/NOTES.md) and on the CPU:
+run env 8 30 bash -c "date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo 'no nvidia-smi'; \
   $PY -c 'import torch, sys; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))'"
 # The data, once and untimed by the figures: the smoke's two databases, the protocol's database, predict's photos.
-run prepare 30 300 bash -c "set -e
+run prepare 28 300 bash -c "set -e
   $PY make_synthetic_db.py --out $SCRATCH/smoke/A --contents 5 --size 256x128 --seed 0 --workers $WORKERS --overwrite
   $PY make_synthetic_db.py --out $SCRATCH/smoke/B --contents 5 --size 256x128 --seed 1 --workers $WORKERS --overwrite
   $PY make_synthetic_db.py --out $SCRATCH/e2e/SyntheticOIQA ${E2E_DB[*]} --workers $WORKERS --overwrite
   $PY benchmarks/bench_predict.py --work $SCRATCH/predict ${PREDICT[*]} --prepare-only"
 run smoke 120 900 "$PY" benchmarks/gpu_smoke.py --work "$SCRATCH/smoke" --device "$DEV" --part main
-run compile 45 300 "$PY" benchmarks/gpu_smoke.py --work "$SCRATCH/smoke" --device "$DEV" --part compile
-run viewport 15 120 "$PY" benchmarks/bench_viewport.py "${VIEWPORT[@]}"
-run inference 20 120 "$PY" benchmarks/bench_inference.py "${INFERENCE[@]}"
-run training 25 300 "$PY" benchmarks/bench_training.py "${TRAINING[@]}"
-run predict 15 120 "$PY" benchmarks/bench_predict.py --work "$SCRATCH/predict" "${PREDICT[@]}"
-run end_to_end 45 600 "$PY" benchmarks/bench_end_to_end.py --work "$SCRATCH/e2e" --reuse --device "$DEV" \
+run compile 72 300 "$PY" benchmarks/gpu_smoke.py --work "$SCRATCH/smoke" --device "$DEV" --part compile
+run viewport 12 120 "$PY" benchmarks/bench_viewport.py "${VIEWPORT[@]}"
+run inference 17 120 "$PY" benchmarks/bench_inference.py "${INFERENCE[@]}"
+run training 18 300 "$PY" benchmarks/bench_training.py "${TRAINING[@]}"
+run predict 12 120 "$PY" benchmarks/bench_predict.py --work "$SCRATCH/predict" "${PREDICT[@]}"
+run end_to_end 40 600 "$PY" benchmarks/bench_end_to_end.py --work "$SCRATCH/e2e" --reuse --device "$DEV" \
   --epochs "$E2E_EPOCHS" --workers "$WORKERS" "${E2E_SIZES[@]}"
 if [ "$MODE" = gpu ]; then
-  run end_to_end_parallel 30 0 "$PY" benchmarks/bench_end_to_end.py --work "$SCRATCH/e2e" --reuse --device cuda \
-    --epochs "$E2E_EPOCHS" --workers "$WORKERS" --parallel-folds 5
+  run end_to_end_parallel 33 0 "$PY" benchmarks/bench_end_to_end.py --work "$SCRATCH/e2e" --reuse --device cuda \
+    --epochs "$E2E_EPOCHS" --workers "$WORKERS" --parallel-folds 2
 else
-  needs_cuda end_to_end_parallel  # 5 processes sharing one GPU; on 2 CPU cores it measures nothing
+  needs_cuda end_to_end_parallel  # 2 processes sharing one GPU; on 2 CPU cores it measures nothing
 fi
 echo "== summary" | tee -a "$log"
 cat "$OUT/summary.txt" | tee -a "$log"
