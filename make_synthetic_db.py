@@ -37,6 +37,8 @@ from scipy import ndimage
 
 from kdoiqa.cli import non_negative, positive
 from kdoiqa.common import UserError, atomic_path, atomic_write_csv, completed, parse_size, run_cli
+from kdoiqa.databases import IMAGE_SUFFIXES
+from kdoiqa.images import read_rgb, warn_not_two_to_one
 
 # ----------------------------------------------------------------------------------------------
 # Parameters (documented in the module docstring and in database.json).
@@ -51,7 +53,7 @@ JP2K_REFERENCE_PIXELS = 512 * 256
 MOS_EXPONENT = 6.0
 NOISE_MAX = 1.0
 MOS_DECIMALS = 3
-SOURCE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+SOURCE_SUFFIXES = IMAGE_SUFFIXES
 MIN_WIDTH = 128
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -269,7 +271,7 @@ def _codec_roundtrip(image: np.ndarray, **save: Any) -> np.ndarray:
     Image.fromarray(image).save(buffer, **save)
     buffer.seek(0)
     with Image.open(buffer) as decoded:
-        return np.asarray(decoded.convert("RGB")).copy()
+        return read_rgb(decoded)
 
 
 def distort_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
@@ -449,26 +451,29 @@ def content_id(index: int) -> str:
     return f"c{index:02d}"
 
 
-def load_source(path: str, width: int, height: int) -> np.ndarray:
-    """A user panorama as uint8 [H, W, 3], resized with LANCZOS."""
+def load_source(path: str, width: int, height: int, warnings: list[str] | None = None) -> np.ndarray:
+    """A user panorama as uint8 [H, W, 3] (decoded by `images.read_rgb`: any mode, EXIF orientation),
+    resized with LANCZOS. One that is not 2:1 is stretched to 2:1, with the shared rule's warning
+    (`images.warn_not_two_to_one`) added to `warnings`."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.LANCZOS)
-            return np.asarray(img).copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read source image {path}: {err}") from None
+        pixels = read_rgb(path)
+    except UserError as err:
+        raise UserError(f"cannot read source image: {err}") from None
+    warn_not_two_to_one(path, pixels.shape[1], pixels.shape[0], (warnings if warnings is not None else []).append)
+    if pixels.shape[1::-1] != (width, height):
+        pixels = np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.LANCZOS)).copy()
+    return pixels
 
 
 def make_content(job: ContentJob) -> tuple[list[dict[str, Any]], list[str]]:
     """Write one content's 21 PNGs into job.images_dir; return its meta rows (MOS included) and
     warnings for the user (printed by the parent process, below the progress bar)."""
     cid = content_id(job.index)
+    warnings: list[str] = []
     if job.source is None:
         reference = render_scene(np.random.default_rng([job.seed, job.index, 0]), job.width, job.height)
     else:
-        reference = load_source(job.source, job.width, job.height)
+        reference = load_source(job.source, job.width, job.height, warnings)
 
     names = [f"{cid}_ref.png"]
     images = [reference]
@@ -491,7 +496,6 @@ def make_content(job: ContentJob) -> tuple[list[dict[str, Any]], list[str]]:
     problems = check_monotone(kinds, mos)
     if problems and job.source is None:
         raise RuntimeError(f"pseudo-MOS is not monotone for procedural content {cid}: {problems}")
-    warnings = []
     if problems:
         shown = "; ".join(problems[:3]) + (f"; ... ({len(problems)} in all)" if len(problems) > 3 else "")
         warnings.append(f"warning: {Path(job.source).name} ({cid}): pseudo-MOS does not strictly decrease "
@@ -543,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None,
                         help="the database's name in database.json and in run folders [the --out folder's name]")
     parser.add_argument("--sources", type=Path, default=None,
-                        help="folder of your own ERP panoramas to use instead of procedural scenes [procedural]")
+                        help="folder of your own ERP panoramas to use instead of procedural scenes (any image mode; "
+                             "one that is not 2:1 is stretched to 2:1 with a warning) [procedural]")
     parser.add_argument("--workers", type=positive, default=min(4, os.cpu_count() or 1),
                         help="parallel processes (one content each) [min(4, CPUs)]")
     parser.add_argument("--overwrite", action="store_true",

@@ -3,10 +3,14 @@
 Give a checkpoint, a fold folder, or a whole run folder: with a run folder every fold's model
 scores every image and the output gives their mean and spread (and each fold's score in the CSV).
 A student needs only the ERP image (resized to its training size); a teacher gets its six cube
-faces projected on the fly, on the same device. Any image size and mode is accepted. An
-unreadable file is reported and skipped, the rest scored, and the exit code is 1 at the end
-(`--strict`: stop at the first). Prints `image<TAB>score` after a header line stating the scale
-and direction of the training database's scores.
+faces projected on the fly, on the same device. Any image mode is decoded by one rule (16-bit
+values by their high byte, float ones as 0-1, transparency over white, EXIF orientation applied:
+kdoiqa.images.read_rgb); an image that is not 2:1 is scored stretched to 2:1 after a warning. A
+folder means the images under it; a database folder (one holding meta.csv) the images its meta.csv
+lists; a database's derived folders (erp_<W>x<H>/, faces_<size>/) are never inputs. An unreadable
+file is reported and skipped, the rest scored, and the exit code is 1 at the end (`--strict`: stop
+at the first). Prints `image<TAB>score` after a header line stating the scale and direction of the
+training database's scores.
 
     python predict.py runs/mask_train/<key>/<run> my_360_photos/ --csv scores.csv
     python predict.py runs/mask_train/<key>/<run>/fold0/checkpoint.pt my_panorama.jpg
@@ -25,13 +29,15 @@ import torch
 from kdoiqa.api import Scorer, load
 from kdoiqa.cli import Parser, default_threads, positive
 from kdoiqa.common import UserError, atomic_write_csv, first_line, run_cli
-from kdoiqa.databases import IMAGE_SUFFIXES
+from kdoiqa.databases import IMAGE_SUFFIXES, load_database
+from kdoiqa.images import is_derived_folder
 
 
 def build_parser() -> Parser:
     parser = Parser(description=__doc__)
     parser.add_argument("model", type=Path, help="a checkpoint.pt, a fold folder or a run folder (every fold)")
-    parser.add_argument("inputs", nargs="+", type=Path, help="ERP image files or folders (searched recursively)")
+    parser.add_argument("inputs", nargs="+", type=Path,
+                        help="ERP image files or folders (searched recursively; a database folder: its meta.csv images)")
     parser.add_argument("--csv", type=Path, default=None, help="also write the scores to this CSV (default: print them only)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     parser.add_argument("--batch-size", type=positive, default=16, help="images per forward pass")
@@ -48,12 +54,11 @@ def build_parser() -> Parser:
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:
+    """The files to score: each file given, and each folder's images (`folder_images`)."""
     images: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            # Hidden files are skipped: `.name.*.tmp.png` are temporaries of an interrupted atomic write.
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not p.name.startswith("."))
+            found = folder_images(item)
             if not found:
                 raise UserError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             images.extend(found)
@@ -62,6 +67,53 @@ def collect_images(inputs: list[Path]) -> list[Path]:
         else:
             raise UserError(f"{item}: no such file or folder")
     return images
+
+
+def folder_images(root: Path) -> list[Path]:
+    """A database folder (one holding meta.csv) stands for the images its meta.csv lists, in its order. Any
+    other folder stands for the image files under it, searched recursively and sorted, following links
+    (each folder once), where a database folder met on the way counts as its meta.csv images. The derived
+    folders of a database (`erp_<W>x<H>/`, `faces_<size>/...`: resized copies and cube faces) are never
+    inputs, nor hidden files and folders (`.name.*.tmp.png` are temporaries of an interrupted atomic write).
+    A broken link named like an image is kept, to be reported as missing. What was skipped is said on stderr."""
+    found: list[Path] = []
+    derived: list[str] = []
+    seen: set[Path] = set()
+
+    def visit(folder: Path) -> None:
+        real = folder.resolve()
+        if real in seen:
+            return
+        seen.add(real)
+        if (folder / "meta.csv").is_file():
+            try:
+                db = load_database(folder, check_files=False)
+            except UserError as err:
+                raise UserError(f"{folder} holds a meta.csv, so it is read as a database folder, but: {err}") from None
+            found.extend(folder / image for image in db.images)
+            print(f"{folder}: a database folder: scoring the {len(db)} images listed in its meta.csv "
+                  f"(not its derived folders)", file=sys.stderr)
+            return
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if is_derived_folder(entry.name):
+                    derived.append(str(entry.relative_to(root)))
+                else:
+                    visit(entry)
+            elif entry.suffix.lower() in IMAGE_SUFFIXES and (entry.is_file() or entry.is_symlink()):
+                found.append(entry)
+
+    if (root / "meta.csv").is_file():
+        visit(root)
+        return found
+    visit(root)
+    if derived:
+        shown = ", ".join(derived[:4]) + (f", ... ({len(derived)} in all)" if len(derived) > 4 else "")
+        print(f"{root}: skipped derived folders (a database's resized copies and cube faces, never inputs): {shown}",
+              file=sys.stderr)
+    return sorted(found)
 
 
 def check_csv(csv: Path | None) -> None:

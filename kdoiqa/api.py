@@ -3,16 +3,21 @@
     import kdoiqa
     metric = kdoiqa.load("runs/mask_train/<key>/<run>")         # a run folder: every fold's model
     scores = metric(["pano1.jpg", "pano2.png"])                  # one score per image, the training scale
-    metric.higher_is_better, metric.score_range, metric.kind, metric.database
+    metric.higher_is_better, metric.lower_better, metric.score_range, metric.kind, metric.database
 
 `load` takes a checkpoint file, a fold folder or a run folder. A `Scorer` takes file paths, PIL
-images, or uint8 / float tensors ([B, 3, H, W] or [3, H, W], float in [0, 1]) of any 2:1 size, or a
-list of them, and returns a float tensor of one score per image: the mean over the loaded models
-(`scores_per_model` gives each). A student resizes the ERP to its training size (uint8 inputs exactly
-as predict.py does, with PIL's bicubic filter; float inputs with torch's antialiased bicubic, which
-lets gradients reach the input); a teacher projects the six cube faces on the scorer's device. The
-networks are frozen and in evaluation mode; gradients flow to float input tensors when grad mode is
-on and the input requires them (a metric used as a loss). `.to(device)` moves it.
+images (any mode, decoded by `images.read_rgb`'s rules: 16-bit, alpha over white, EXIF orientation),
+or uint8 / float tensors ([B, 3, H, W] or [3, H, W]; float values in [0, 1], anything else refused) of
+any 2:1 size, or a list of them, and returns a float tensor of one score per image: the mean over the
+loaded models (`scores_per_model` gives each). Every input takes the path of the 8-bit pixels the
+networks were trained on: a float image is rounded to 8 bits, so it scores exactly as its uint8
+version; a student resizes the ERP to its training size with PIL's bicubic filter (as predict.py and
+training); a teacher projects the six cube faces on the scorer's device. The networks are frozen and
+in evaluation mode; when grad mode is on and a float input requires grad (a metric used as a loss),
+the score keeps that value and its gradient reaches the input through torch's antialiased bicubic
+resize (or the faces' projection) of the unrounded input (straight through the rounding). An image
+that is not 2:1 is refused (`require_two_to_one=False`: warned of and stretched to 2:1, as by the
+commands). `.to(device)` moves it.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from kdoiqa.checkpoints import load_run_models, model_from_checkpoint
 from kdoiqa.common import UserError
 from kdoiqa.distributed import resolve_device
 from kdoiqa.engine import autocast_for
-from kdoiqa.images import is_two_to_one, project_faces, read_rgb, resize_rgb, to_chw
+from kdoiqa.images import HALF_LEVEL, not_two_to_one, project_faces, read_rgb, resize_rgb, to_chw, warn_not_two_to_one
 
 ImageInput = Any  # a path, a PIL image, a tensor [3, H, W] / [B, 3, H, W], or a sequence of them
 
@@ -93,23 +98,30 @@ class Scorer(nn.Module):
             return torch.zeros((0, len(self.models)), device=self.device)
         return torch.cat(out)
 
+    @property
+    def lower_better(self) -> bool:
+        """pyiqa's name for the score direction: True when a lower score is a better image (a DMOS)."""
+        return not self.higher_is_better
+
+    def __repr__(self) -> str:
+        return f"Scorer({self.extra_repr()})"
+
     def extra_repr(self) -> str:
-        direction = "higher is better" if self.higher_is_better else "higher is worse (DMOS)"
-        return (f"kind={self.kind}, database={self.database}, models={len(self.models)}, "
-                f"score_range={self.score_range}, {direction}")
+        direction = "higher is better" if self.higher_is_better else "lower is better (DMOS)"
+        lo, hi = self.score_range
+        return (f"{self.kind}, database={self.database}, {direction}, scale {lo:g}-{hi:g}, folds={self.folds}"
+                + (f", unfinished={self.unfinished_folds}" if self.unfinished_folds else ""))
 
     # -- one path for every input ----------------------------------------------------------------
     def prepare(self, item: Any) -> torch.Tensor:
         """The network input of one image, [3, h, w] on the CPU (uint8) or where the tensor was: the ERP at
         the student's size, or the whole ERP for a teacher (its faces are projected in `score_prepared`)."""
-        if isinstance(item, (str, os.PathLike)):
+        if isinstance(item, (str, os.PathLike)) or _is_pil(item):
             try:
-                pixels = read_rgb(item)
+                pixels = read_rgb(item)  # the one decoder: every mode, EXIF orientation
             except UserError as err:  # not found, not an image: a ValueError too
                 raise InputError(str(err)) from None
-            return self._from_pixels(pixels, str(item))
-        if _is_pil(item):
-            return self._from_pixels(np.array(item.convert("RGB")), "PIL image")
+            return self._from_pixels(pixels, "PIL image" if _is_pil(item) else str(item))
         if isinstance(item, torch.Tensor):
             return self._from_tensor(item)
         raise InputError(f"cannot score a {type(item).__name__}: pass file paths, PIL images or tensors "
@@ -119,9 +131,9 @@ class Scorer(nn.Module):
         """[len(batch), models] scores of prepared inputs (see `prepare`)."""
         device = self.device
         if self.kind == "student":
-            inputs = torch.stack([x.to(device, non_blocking=True) for x in batch])
+            inputs = _joined([x.to(device, non_blocking=True) for x in batch], torch.stack)
         else:  # sizes may differ: faces per image on the device, then one batch
-            inputs = torch.cat([self._faces(x.to(device, non_blocking=True)[None]) for x in batch])
+            inputs = _joined([self._faces(x.to(device, non_blocking=True)[None]) for x in batch], torch.cat)
         with autocast_for(self.amp, device)():
             raw = torch.stack([model(inputs)[0].float() for model in self.models], dim=1)
         return raw * self.target_scale + self.target_offset
@@ -141,41 +153,88 @@ class Scorer(nn.Module):
         raise InputError(f"cannot score a {type(images).__name__}: pass file paths, PIL images or tensors")
 
     def _check_aspect(self, width: int, height: int, what: str) -> None:
-        if is_two_to_one(width, height):
+        """The shared 2:1 rule (`images.not_two_to_one`): refused, or with require_two_to_one=False warned of;
+        and a teacher's cube faces need two rows and columns at least."""
+        if min(width, height) < (2 if self.kind == "teacher" else 1):
+            raise InputError(f"{what}: {width}x{height} is too small to score"
+                             + (" (a teacher projects cube faces from at least 2 rows)" if min(width, height) else ""))
+        message = not_two_to_one(what, width, height)
+        if message is None:
             return
         if self.require_two_to_one:
-            raise InputError(f"{what}: {width}x{height} is not an equirectangular (2:1) image")
-        print(f"warning: {what}: {width}x{height} is not a 2:1 equirectangular image; scoring it anyway", file=sys.stderr)
+            raise InputError(f"{message}; load with require_two_to_one=False to score it stretched to 2:1")
+        warn_not_two_to_one(what, width, height)
 
     def _from_pixels(self, pixels: np.ndarray, what: str) -> torch.Tensor:
         height, width = pixels.shape[:2]
         self._check_aspect(width, height, what)
         return to_chw(resize_rgb(pixels, self.erp_size) if self.kind == "student" else pixels)
 
+    def _network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 [3, H, W] tensor -> what `score_prepared` takes: a student's ERP resized as predict.py and
+        training resize it (PIL's bicubic filter, 8-bit), or a teacher's whole ERP."""
+        if self.kind == "student" and tuple(x.shape[:0:-1]) != self.erp_size:
+            return to_chw(resize_rgb(x.permute(1, 2, 0).cpu().numpy(), self.erp_size))
+        return x
+
     def _from_tensor(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[0] != 3:
-            raise InputError(f"an image tensor is [3, H, W] (RGB), got {list(x.shape)}")
+            hint = "; channels last? use .permute(2, 0, 1)" if x.dim() == 3 and x.shape[-1] == 3 else ""
+            raise InputError(f"an image tensor is [3, H, W] (RGB), got {list(x.shape)}{hint}")
+        if x.dtype != torch.uint8 and not torch.is_floating_point(x):
+            raise InputError(f"an image tensor is uint8 (0-255) or float (0-1), got {x.dtype}")
         height, width = x.shape[1:]
         self._check_aspect(width, height, "image tensor")
         if x.dtype == torch.uint8:
-            if self.kind == "student" and (width, height) != self.erp_size:
-                return self._from_pixels(x.permute(1, 2, 0).cpu().numpy(), "tensor")  # predict.py's resize
-            return x
-        if not torch.is_floating_point(x):
-            raise InputError(f"an image tensor is uint8 (0-255) or float (0-1), got {x.dtype}")
-        if self.kind == "student" and (width, height) != self.erp_size:
+            return self._network_input(x)
+        value = self._network_input(_quantised(x))  # the 8-bit pixels: the same path as a uint8 image
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return value
+        if self.kind != "student":  # the faces are projected (and passed through) in `_faces`
+            return x.float()
+        smooth = x.float()
+        if (width, height) != self.erp_size:
             w, h = self.erp_size
-            x = F.interpolate(x[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0]
-        return x
+            smooth = F.interpolate(smooth[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0]
+        return _straight_through(smooth, value)
 
     def _faces(self, erp: torch.Tensor) -> torch.Tensor:
         if erp.dtype == torch.uint8:
             return project_faces(erp, self.face_size, self.face_jpeg_quality)
+        # A float ERP that requires grad (see `_from_tensor`): the 8-bit faces' values, the gradient of the
+        # lossless projection of the unrounded input.
         if self.face_jpeg_quality is not None:
-            raise InputError("this teacher was trained on JPEG-compressed faces (--protocol paper): pass uint8 images")
+            raise InputError("this teacher was trained on JPEG-compressed faces (--protocol paper): gradients "
+                             "cannot pass the JPEG step; score without gradients or pass uint8 images")
         from viewport.project import cube_faces
 
-        return cube_faces(erp, self.face_size, antialias=True)
+        value = project_faces(_quantised(erp), self.face_size, None)
+        return _straight_through(cube_faces(erp, self.face_size, antialias=True), value)
+
+
+def _quantised(x: torch.Tensor) -> torch.Tensor:
+    """A float image in [0, 1] as the uint8 image it stands for (round(255 x)); values outside [0, 1] by more
+    than half a level, or not finite, are refused."""
+    values = x.detach().float()
+    finite = bool(torch.isfinite(values).all())
+    low, high = (float(values.min()), float(values.max())) if finite and values.numel() else (0.0, 0.0)
+    if not finite or low < -HALF_LEVEL or high > 1 + HALF_LEVEL:
+        shown = f"{low:.4g}..{high:.4g}" if finite else "not all finite"
+        raise InputError(f"image tensor: float values {shown}, outside [0, 1]: divide by 255 an image of 0-255 "
+                         f"values (and undo any normalisation), or pass it as uint8")
+    return torch.round(values.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+
+
+def _straight_through(smooth: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The values of `value` (uint8, the 8-bit path) with the gradient of `smooth` (float in [0, 1])."""
+    return smooth + (value.to(smooth.device, torch.float32) / 255.0 - smooth).detach()
+
+
+def _joined(tensors: list[torch.Tensor], join) -> torch.Tensor:
+    """Stack or concatenate network inputs; uint8 ones become float in [0, 1] when any is float (gradients)."""
+    if any(t.dtype != torch.uint8 for t in tensors):
+        tensors = [t.float() / 255.0 if t.dtype == torch.uint8 else t.float() for t in tensors]
+    return join(tensors)
 
 
 def _is_pil(item: Any) -> bool:

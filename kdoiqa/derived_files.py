@@ -5,8 +5,10 @@ the one resize the project uses, so training from the originals and from these f
 pixels. `extract_database` writes `<db>/faces_<size>/` (ours) or `<db>/faces_<size>_equi2cubic_jpeg<q>/`
 (the paper's chain) `<stem>_{F,R,BA,L,T,BO}.png` (the teacher's input) with `images.project_faces`, the
 function that also projects faces on the fly. Both decode and write with a pool of threads, skip
-up-to-date outputs (newer than their source), check every source before writing anything, and write each
-file atomically (lossless PNG), so an interrupted run leaves no torn file.
+up-to-date outputs, check every source before writing anything, and write each file atomically (lossless
+PNG), so an interrupted run leaves no torn file. Each PNG records the size and modification time of the
+source it was made from (`images.source_stamp`); one whose source has changed since is rewritten here
+and never read by training (`images.derived_is_fresh`, the one check of both).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import numpy as np
 
 from kdoiqa.common import UserError, atomic_path, completed
 from kdoiqa.databases import Database, check_files_exist
-from kdoiqa.images import is_two_to_one, read_rgb, resize_rgb
+from kdoiqa.images import STAMP_KEY, derived_is_fresh, read_rgb, resize_rgb, source_stamp
+from kdoiqa.images import warn_not_two_to_one as warn_aspect
 
 
 @dataclass
@@ -37,21 +40,23 @@ class Summary:
                 f"({len(self.written) + len(self.skipped)} images) in {where}")
 
 
-def write_png(path: Path, pixels: np.ndarray, compress_level: int = 6) -> None:
-    """Lossless PNG, written atomically (a killed run never leaves a torn file)."""
-    from PIL import Image
+def write_png(path: Path, pixels: np.ndarray, compress_level: int = 6, stamp: str | None = None) -> None:
+    """Lossless PNG, written atomically (a killed run never leaves a torn file); `stamp`: its source's
+    `images.source_stamp`, kept in a text chunk."""
+    from PIL import Image, PngImagePlugin
 
+    info = None
+    if stamp is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(STAMP_KEY, stamp)
     with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG", compress_level=compress_level)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG", compress_level=compress_level,
+                                                           pnginfo=info)
 
 
 def is_up_to_date(source: Path, outputs: Sequence[Path]) -> bool:
-    """All outputs exist and none is older than the source."""
-    try:
-        src_time = source.stat().st_mtime_ns
-        return all(out.stat().st_mtime_ns >= src_time for out in outputs)
-    except FileNotFoundError:
-        return False
+    """All outputs exist and were made from the source as it is now (`images.derived_is_fresh`)."""
+    return derived_is_fresh(source, outputs)
 
 
 def check_sources(db: Database, outputs_of: dict[str, Sequence[Path]]) -> None:
@@ -87,8 +92,11 @@ def warn(message: str) -> None:
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
-def warn_not_two_to_one(path: Path, width: int, height: int) -> None:
-    warn(f"{path}: {width}x{height} is not a 2:1 equirectangular image; treated as one anyway")
+def warn_not_two_to_one(path: Path, width: int, height: int) -> bool:
+    """The shared 2:1 rule's warning (`images.not_two_to_one`), below a running progress bar."""
+    from tqdm import tqdm
+
+    return warn_aspect(str(path), width, height, lambda line: tqdm.write(line, file=sys.stderr))
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -103,13 +111,12 @@ def progress_bar(total: int, desc: str, enabled: bool):
 def _resize_one(db: Database, image: str, erp_size: tuple[int, int]) -> bool:
     """Decode, resize, write; returns whether the source is 2:1."""
     source = db.path(image)
+    stamp = source_stamp(source)  # before reading: a change while reading leaves the file stale
     pixels = read_rgb(source)
     height, width = pixels.shape[:2]
-    two_to_one = is_two_to_one(width, height)
-    if not two_to_one:
-        warn_not_two_to_one(source, width, height)
-    write_png(db.erp_path(image, erp_size), resize_rgb(pixels, erp_size))
-    return two_to_one
+    odd = warn_not_two_to_one(source, width, height)
+    write_png(db.erp_path(image, erp_size), resize_rgb(pixels, erp_size), stamp=stamp)
+    return not odd
 
 
 def plan_outputs(db: Database, outputs: dict[str, list[Path]], force: bool) -> tuple[Summary, list[str]]:
@@ -160,9 +167,14 @@ def resize_database(db: Database, erp_size: tuple[int, int] = (1024, 512), threa
 MAX_BATCH_PIXELS = 64 * 1024 * 1024
 
 
-def _write_faces(paths: list[Path], faces: np.ndarray) -> None:
+def _write_faces(paths: list[Path], faces: np.ndarray, stamp: str) -> None:
     for path, face in zip(paths, faces):
-        write_png(path, face)
+        write_png(path, face, stamp=stamp)
+
+
+def _decode(source: Path) -> tuple[str, np.ndarray]:
+    stamp = source_stamp(source)  # before reading: a change while reading leaves the faces stale
+    return stamp, read_rgb(source)
 
 
 def extract_database(db: Database, face_size: int = 256, device=None, threads: int = 8, *,
@@ -188,6 +200,7 @@ def extract_database(db: Database, face_size: int = 256, device=None, threads: i
     bar = progress_bar(len(todo), db.faces_dir(face_size, jpeg_quality).name, progress)
     pool = ThreadPoolExecutor(max_workers=workers)
     decoding: deque[tuple[str, Future]] = deque()
+    stamps: dict[str, str] = {}
     writing: deque[Future] = deque()
     pending = iter(todo)
     window = max(2 * workers, batch_size + workers)
@@ -197,7 +210,7 @@ def extract_database(db: Database, face_size: int = 256, device=None, threads: i
             image = next(pending, None)
             if image is None:
                 return
-            decoding.append((image, pool.submit(read_rgb, db.path(image))))
+            decoding.append((image, pool.submit(_decode, db.path(image))))
 
     def drain(limit: int) -> None:
         while len(writing) > limit:
@@ -207,11 +220,13 @@ def extract_database(db: Database, face_size: int = 256, device=None, threads: i
         if not batch:
             return
         erp = torch.from_numpy(np.stack([pixels for _, pixels in batch])).permute(0, 3, 1, 2)
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the projection caches its sampling grids, and a grid made in
+        # inference mode could not take part in a later differentiable projection (the scorer as a loss).
+        with torch.no_grad():
             faces = project_faces(erp.to(dev, non_blocking=True), face_size, jpeg_quality)  # [B,6,3,s,s] uint8
         faces = faces.permute(0, 1, 3, 4, 2).cpu().numpy()  # [B,6,s,s,3]
         for (image, _), image_faces in zip(batch, faces):
-            writing.append(pool.submit(_write_faces, outputs[image], image_faces))
+            writing.append(pool.submit(_write_faces, outputs[image], image_faces, stamps.pop(image)))
             summary.written.append(image)
         drain(4 * workers)
         bar.update(len(batch))
@@ -222,11 +237,12 @@ def extract_database(db: Database, face_size: int = 256, device=None, threads: i
         fill()
         while decoding:
             image, future = decoding.popleft()
-            pixels = future.result()
+            stamps[image], pixels = future.result()
             fill()
             height, width = pixels.shape[:2]
-            if not is_two_to_one(width, height):
-                warn_not_two_to_one(db.path(image), width, height)
+            if min(width, height) < 2:
+                raise UserError(f"{db.path(image)}: {width}x{height} is too small to project cube faces from")
+            if warn_not_two_to_one(db.path(image), width, height):
                 summary.not_two_to_one.append(image)
             if batch and batch[0][1].shape != pixels.shape:
                 flush(batch)

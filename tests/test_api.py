@@ -90,7 +90,7 @@ def test_bad_inputs_are_one_clear_error(trained, tmp_path):
     square = tmp_path / "square.png"
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(square)
     cases = [(torch.rand(4, 48, 96), "[3, H, W]"), (torch.rand(2, 2), "[B, 3, H, W] or [3, H, W]"),
-             (torch.rand(3, 40, 40), "40x40 is not an equirectangular (2:1) image"), (str(square), "40x40"),
+             (torch.rand(3, 40, 40), "40x40 is not a 2:1 equirectangular image"), (str(square), "40x40"),
              (str(text), "unreadable image"), (42, "cannot score a int"),
              (torch.zeros(3, 48, 96, dtype=torch.int32), "uint8 (0-255) or float (0-1)")]
     for item, message in cases:
