@@ -57,6 +57,9 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     """The files to score: each file given, and each folder's images (`folder_images`)."""
     images: list[Path] = []
     for item in inputs:
+        if item.is_dir() and is_derived_folder(item.name) and (item.parent / "meta.csv").is_file():
+            raise UserError(f"{item}: a derived folder of the database {item.parent} (resized copies or cube faces), "
+                            f"not inputs; give {item.parent} to score its meta.csv images")
         if item.is_dir():
             found = folder_images(item)
             if not found:

@@ -432,6 +432,8 @@ def test_a_database_folder_means_its_meta_csv_images(trained, tmp_path, capsys):
     code, names, err = scored_names(capsys, str(trained["student"]), str(db_root))
     assert code == 0 and names == [str(db.path(x)) for x in db.images], names
     assert "2:1" not in err and "4 images listed in" in err and "meta.csv" in err
+    with pytest.raises(UserError, match="a derived folder of the database"):
+        predict.main([str(trained["student"]), str(db_root / "erp_32x16"), "--no-progress", "--device", "cpu"])
     # A plain folder holding derived folders named like ours, and a database inside it.
     photos = tmp_path / "photos"
     for sub in ("erp_32x16", "faces_8", "faces_16_jpeg75", "trip"):
@@ -456,6 +458,9 @@ def test_odd_files_a_user_has(trained, tmp_path, capsys):
     Image.fromarray(good).save(folder / "folder.png" / "inner.png")
     os.symlink(folder / "UPPER.PNG", folder / "link.png")
     os.symlink(folder / "missing.png", folder / "broken.png")
+    os.symlink(folder, folder / "loop")                      # a link back up: each folder is searched once
+    (folder / ".staging").mkdir()                            # hidden folders (make_synthetic_db's staging) are not
+    Image.fromarray(good).save(folder / ".staging" / "x.png")
     (tmp_path / "cut.png").write_bytes((folder / "UPPER.PNG").read_bytes()[:200])   # truncated files
     jpeg = (folder / "photo.JPEG").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])
