@@ -4,7 +4,9 @@
 weights (the last epoch's, or the one `--select` chose) with everything needed to use it:
     format, kind ("teacher"/"student"), model_config, model (state dict), epoch (the reported one),
     epochs, history (per-epoch records), settings (the run's resolved settings), database
-    (name, key, score direction and range), target_scale, folds (the split's digest).
+    (name, key, score direction and range), target_scale, folds (the split's digest, k, this fold),
+    teacher_features (a student's: the feature file, the teacher run, its checkpoint and SHA-256).
+A run folder's checkpoints are checked to be of that run (`load_run_models`).
 For ResNet-18 that is ~45 MB. `fold<k>/resume.pt` exists only while a fold trains: the modules of
 the last saved epoch, the optimiser and GradScaler states, the selected epoch's weights; it is
 removed once `checkpoint.pt` is written. Both load with `torch.load(weights_only=True)`.

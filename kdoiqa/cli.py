@@ -290,7 +290,8 @@ def run_parser() -> argparse.ArgumentParser:
                    help="also write it every N epochs (default 0: by time only)")
     g.add_argument("--fold", type=int, default=None, help="train only this fold, 0-based (default: every fold)")
     g.add_argument("--folds", type=positive, default=5,
-                   help="number of content-disjoint folds of the database's default split (ignored with --folds-file)")
+                   help="number of content-disjoint folds of the database's default split (given with --folds-file, "
+                        "or to a student that takes its teacher's split, it must be that split's)")
     g.add_argument("--folds-file", default=None,
                    help="fold JSON (default <db>/folds/k<folds>_seed<split-seed>.json, made once; "
                         "`python dataset.py folds --authors DIR` imports the paper's folds)")
@@ -413,8 +414,6 @@ def refuse_explicit(explicit: frozenset[str], names: Sequence[str], why: str) ->
 
 def training_settings(script: str, args: argparse.Namespace, explicit: frozenset[str] = frozenset()) -> TrainingSettings:
     """Validate the parsed flags of a training script and group them into typed settings."""
-    if hasattr(args, "database_test"):
-        refuse_explicit(explicit, ("folds", "split_seed"), "a cross-database run has one split, all of A against all of B")
     if getattr(args, "resume", False):
         if not args.out:
             raise UserError("--resume needs --out RUN_FOLDER (the run to continue)")

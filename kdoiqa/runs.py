@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -90,6 +91,9 @@ def check_run_dir(run_dir: Path, *, resume: bool) -> None:
         if not (run_dir / "args.json").is_file():
             raise UserError(no_args_json(run_dir))
     elif run_dir.is_dir() and (any(run_dir.glob(f"fold*/{CHECKPOINT}")) or any(run_dir.glob(f"fold*/{RESUME}"))):
+        if not (run_dir / "args.json").is_file():
+            raise UserError(f"{run_dir}: already holds a run (whose args.json is gone, so it cannot be resumed); "
+                            f"choose another --out")
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
 
 
@@ -146,7 +150,7 @@ class Run:
                 atomic_write_json(self.run_dir / "args.json", self.record)
             elif DIST.mode == "folds":
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-            INTERRUPT_HINT.append(f"python {self.script}.py --resume --out {self.run_dir}")
+            INTERRUPT_HINT.append(shlex.join(["python", f"{self.script}.py", "--resume", "--out", str(self.run_dir)]))
             self.opened = True
         return self.run_dir
 

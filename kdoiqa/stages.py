@@ -113,13 +113,15 @@ def _refuse_split_flags(folds: FoldSet, db: Database, settings: TrainingSettings
                         whose: str, fix: str) -> None:
     """An explicit --folds / --split-seed that the split `folds` (chosen by something else) does not follow."""
     run_cfg = settings.run
-    if "folds" in explicit and not run_cfg.folds_file and run_cfg.folds != len(folds):
+    if run_cfg.folds_file:
+        whose, fix = f"the fold file --folds-file {run_cfg.folds_file}", "drop the flag (the fold file decides)"
+    if "folds" in explicit and run_cfg.folds != len(folds):
         raise UserError(f"--folds {run_cfg.folds}: {whose} has {len(folds)} folds ({folds.path or folds.source}); "
                         f"{fix}")
-    if "split_seed" in explicit and not run_cfg.folds_file and folds.path is not None and Path(folds.path).resolve() \
-            != default_folds_path(db, len(folds), run_cfg.split_seed).resolve():
-        raise UserError(f"--split-seed {run_cfg.split_seed}: {whose} is {folds.path}, not the default split of that "
-                        f"seed; {fix}")
+    if "split_seed" in explicit and (folds.path is None or Path(folds.path).resolve()
+                                     != default_folds_path(db, len(folds), run_cfg.split_seed).resolve()):
+        raise UserError(f"--split-seed {run_cfg.split_seed}: {whose} is {folds.path or folds.source}, not the default "
+                        f"split of that seed; {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +415,8 @@ def train_student(settings: TrainingSettings, explicit: frozenset[str] = frozens
         features[k], sources[k] = load_teacher_features(fold_feature_path(features_dir, k), db, fold=k,
                                                         test_images=folds.folds[k].test, rebuild_hint=hint)
     run = start_run(settings, db, folds=folds)
-    run.record["teacher_features"] = _teachers_of_run(run, sources) if distill.kd != "none" else None
+    run.record["teacher_features"] = _teachers_of_run(run, sources, TEACHER, database_key(db)) \
+        if distill.kd != "none" else None
     train_folds(run, lambda fold, split: student_method(settings.model, distill),
                 features_for_fold=features.get if features else None)
     image = db.root / db.images[0]
@@ -437,7 +440,7 @@ def _features_exist(path: Path, features_dir: Path, db: Database, hint: str) -> 
     raise UserError(f"{where}: no teacher features; make them with `{hint}` (or train with --kd none)")
 
 
-def _teachers_of_run(run: Run, sources: dict[int, dict]) -> dict[str, dict]:
+def _teachers_of_run(run: Run, sources: dict[int, dict], script: str, key: str) -> dict[str, dict]:
     """args.json's `teacher_features`: each fold's teacher (run, checkpoint and its SHA-256, the feature file),
     printed with the header. A resumed run must find the teacher each of its folds started with."""
     record = {str(k): source for k, source in sources.items()}
@@ -461,7 +464,7 @@ def _teachers_of_run(run: Run, sources: dict[int, dict]) -> dict[str, dict]:
         kind = "teacher run" if all(v.get("kind") == "teacher run" for v in record.values()) else "teacher features"
         print(f"teacher: {kind} {what} (checkpoint sha256 {shas}), features {Path(next(iter(record.values()))['features']).parent}",
               flush=True)
-        _note_newer_teacher(run, record)
+        _note_newer_teacher(record, script, key)
     return record
 
 
@@ -475,10 +478,10 @@ def _teacher_name(source: dict) -> str:
     return f"the authors' release {source.get('source')}"
 
 
-def _note_newer_teacher(run: Run, record: dict[str, dict]) -> None:
-    """A finished teacher run of this database newer than the one the features come from is named: the student
-    does not learn from it until its features are made."""
-    latest = latest_finished_run(TEACHER, database_key(run.db))
+def _note_newer_teacher(record: dict[str, dict], script: str, key: str) -> None:
+    """A finished teacher run (of `script`, database or pair `key`) newer than the one the features come from is
+    named: the student does not learn from it until its features are made."""
+    latest = latest_finished_run(script, key)
     used = {Path(v["teacher_run"]).resolve() for v in record.values() if v.get("teacher_run")}
     if latest is None or not used or latest.resolve() in used:
         return
@@ -486,7 +489,8 @@ def _note_newer_teacher(run: Run, record: dict[str, dict]) -> None:
                  default=0)
     if (latest / "results.csv").stat().st_mtime_ns > newest:
         print(f"note: a newer finished teacher run, {latest}, is not the one these features come from; to learn from "
-              f"it, make its features first (`{feat_save_command(run.settings.run.database, latest)}`)", flush=True)
+              f"it, make its features first (feat_save.py or crossdb_feat.py with --run {shlex.quote(str(latest))})",
+              flush=True)
 
 
 def _note_protocols(settings: TrainingSettings, teacher: dict) -> None:
@@ -518,6 +522,8 @@ def _baseline_split(settings: TrainingSettings, db: Database, features_dir: Path
             return folds
     folds = resolve_folds(db, run_cfg.folds_file, k=run_cfg.folds, split_seed=run_cfg.split_seed,
                           prefer_authors=settings.protocol == "paper")
+    _refuse_split_flags(folds, db, settings, explicit, "the baseline's split (--protocol paper takes the authors' "
+                        "folds when the database has them)", "drop the flag, or pass --folds-file")
     _note_split_against_features(folds, features_dir)
     return folds
 
@@ -545,9 +551,11 @@ def _train_cross_student(settings: TrainingSettings) -> Run:
         # Checked before the run folder exists: a refusal leaves nothing behind.
         features_dir = Path(distill.features_dir) if distill.features_dir else default_features_dir(pair.key)
         hint = crossdb_feat_command(pair.train_arg, pair.test_arg, features_dir=distill.features_dir)
-        features = load_features(features_dir / CROSS_FILE, pair.train, fold=None, test_images=pair.test.images,
-                                 rebuild_hint=hint)
+        features, source = load_teacher_features(features_dir / CROSS_FILE, pair.train, fold=None,
+                                                 test_images=pair.test.images, rebuild_hint=hint)
     run = start_run(settings, pair.train, folds=pair.folds(), test_db=pair.test, run_key=pair.key)
+    run.record["teacher_features"] = _teachers_of_run(run, {0: source}, CROSS_TEACHER, pair.key) \
+        if features is not None else None
     if DIST.is_main:
         print(pair.direction_note(), flush=True)
     train_folds(run, lambda fold, split: student_method(settings.model, distill),

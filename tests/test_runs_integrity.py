@@ -323,3 +323,53 @@ def test_from_another_folder_a_missing_database_is_found_not_made_twice(tmp_path
     message = one_line_error(teacher_train.main, ["--database", "Synthetic", *TEACHER])
     assert "relative to" in message and str(tmp_path / "proj" / "scripts") in message, message
     assert f"--data-root {tmp_path / 'proj' / 'data'}" in message and "make_synthetic_db" not in message, message
+
+
+# ----------------------------------------------------------------------------------------------
+# More half-finished states.
+
+def test_features_of_a_deleted_teacher_run_say_how_to_rebuild(project, tmp_path):
+    teacher, features = tmp_path / "teacher", tmp_path / "features"
+    shutil.copytree(project["teacher"], teacher)
+    feat_save.main(["--database", str(project["db"]), "--run", str(teacher), "--features-dir", str(features),
+                    "--no-progress", "--workers", "0"])
+    shutil.rmtree(teacher)
+    message = one_line_error(mask_train.main, ["--database", str(project["db"]), "--features-dir", str(features),
+                                               *STUDENT, "--out", str(tmp_path / "s")])
+    assert "is gone" in message and "--run" in message and f"--run {teacher}" not in message, message
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_resume_with_another_copy_of_the_database_is_refused(tmp_path):
+    for root, seed in (("A", 1), ("B", 2)):
+        make_tiny_db(tmp_path / root / "Synthetic", contents=2, levels=2, size=(32, 16), seed=seed)
+    run = tmp_path / "run"
+    teacher_train.main(["--database", "Synthetic", "--data-root", str(tmp_path / "A"), *TEACHER, "--fold", "0",
+                        "--out", str(run)])
+    (run / "fold0" / "checkpoint.pt").rename(run / "fold0" / "resume.pt")  # as if interrupted (not read: refused first)
+    (run / "results.csv").unlink()
+    message = one_line_error(teacher_train.main, ["--resume", "--out", str(run), "--data-root", str(tmp_path / "B")])
+    assert "started on the database" in message and str(tmp_path / "B") in message, message
+
+
+def test_a_run_whose_args_json_is_gone(project, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(project["student"], run)
+    (run / "args.json").unlink()
+    message = one_line_error(mask_train.main, ["--resume", "--out", str(run)])
+    assert "args.json is gone" in message and "new --out" in message, message
+    message = one_line_error(mask_train.main, ["--database", str(project["db"]), "--kd", "none", "--folds", "2",
+                                               *STUDENT, "--out", str(run)])
+    assert "args.json is gone" in message and "another --out" in message, message
+    assert kdoiqa.load(run, "cpu").folds == [0, 1]  # its finished folds still score
+
+
+def test_split_flags_that_a_fold_file_overrides_are_refused(project, tmp_path):
+    folds_file = project["db"] / "folds" / "k2_seed2023.json"
+    message = one_line_error(teacher_train.main, ["--database", str(project["db"]), *TEACHER, "--folds-file",
+                                                  str(folds_file), "--folds", "3", "--out", str(tmp_path / "t")])
+    assert "--folds 3" in message and "2 folds" in message, message
+    message = one_line_error(teacher_train.main, ["--database", str(project["db"]), *TEACHER, "--split-seed", "7",
+                                                  "--folds-file", str(folds_file), "--out", str(tmp_path / "t")])
+    assert "--split-seed 7" in message, message
+    assert not (tmp_path / "t").exists()
