@@ -198,7 +198,7 @@ def models_note(scorer: Scorer) -> str:
         missing = ("fold " if len(scorer.unfinished_folds) == 1 else "folds ") + ", ".join(map(str, scorer.unfinished_folds))
         what = f"mean and std of folds {used}" if len(scorer.models) > 1 else f"fold {used} alone"
         return f"{what}: a partial run, {missing} unfinished and left out (--allow-partial)"
-    return f"mean and std of {len(scorer.models)} folds' models" if len(scorer.models) > 1 else "one model"
+    return f"mean and std of {len(scorer.models)} folds' models" if len(scorer.models) > 1 else f"one model, fold {used}"
 
 
 def score_files(scorer: Scorer, images: list[Path], threads: int, strict: bool,

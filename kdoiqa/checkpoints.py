@@ -150,7 +150,8 @@ def finish_hint(run_dir: Path) -> str:
 @dataclass
 class RunModels:
     """What `kdoiqa.load` and predict.py score for a path: checkpoint files, their records and folds, and, for
-    a run folder, the folds it plans that have no checkpoint yet (fold -> "training (resume.pt)" or "not started")."""
+    a run folder, the folds it plans that have no checkpoint yet (fold -> "interrupted or still training (resume.pt)"
+    or "not started")."""
 
     paths: list[Path]
     records: list[dict]
@@ -245,7 +246,8 @@ def load_run_models(target: str | Path, *, allow_partial: bool = False) -> RunMo
     run_record = _run_record(target)
     check_run_folds(target, paths, records, run_record)
     folds = [int(p.parent.name[4:]) for p in paths]
-    unfinished = {k: "training (resume.pt)" if (target / f"fold{k}" / RESUME).is_file() else "not started"
+    unfinished = {k: "interrupted or still training (resume.pt)" if (target / f"fold{k}" / RESUME).is_file()
+                  else "not started"
                   for k in planned_folds(run_record, records[0]) if k not in folds}
     if unfinished and not allow_partial:
         states = ", ".join(f"fold {k} {state}" for k, state in unfinished.items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -380,7 +381,7 @@ def resume_args(args: argparse.Namespace, explicit: frozenset[str], script: str)
             mismatches.append(f"{flag} was {_show(saved[name])}, now {_show(getattr(args, name))}")
     if mismatches:
         raise UserError(f"{path}: this run was started with other settings: {'; '.join(mismatches)}; resume with "
-                        f"`--resume --out {run_dir}` alone, or start a new --out")
+                        f"`--resume --out {shlex.quote(str(run_dir))}` alone, or start a new --out")
     merged = {**vars(args), **{k: v for k, v in saved.items() if k in vars(args)}}
     for name in explicit & RESUME_FREE:
         merged[name] = getattr(args, name)

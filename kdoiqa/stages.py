@@ -284,7 +284,8 @@ def save_teacher_features(database: str, data_root: str | None, run_dir: str | N
         print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]})", flush=True)
         written.append(out)
     _next(student_command("mask_train.py", ["--database", database,
-                                            *(["--features-dir", features_dir] if features_dir else [])],
+                                            *(["--features-dir", features_dir] if features_dir else []),
+                                            *(["--fold", str(fold)] if fold is not None else [])],
                           record, data_root))
     return written
 

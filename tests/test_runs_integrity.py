@@ -124,6 +124,8 @@ def test_a_run_of_one_chosen_fold_is_whole(project, tmp_path):
     mask_train.main(["--database", str(project["db"]), "--kd", "none", "--fold", "1", "--folds", "2", *STUDENT, "--out", str(run)])
     metric = kdoiqa.load(run, "cpu")
     assert metric.folds == [1] and metric.unfinished_folds == []
+    _, out = captured(predict.main, [str(run), str(project["images"][0]), "--no-progress"])
+    assert "one model, fold 1" in out.splitlines()[0], out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,6 +255,14 @@ def test_a_partial_teacher_run_gives_no_partial_features(project, tmp_path):
                                               "--features-dir", str(tmp_path / "f"), "--no-progress"])
     assert "fold 1" in message and "--fold 0" in message, message
     assert not (tmp_path / "f").exists()
+    # The finished fold's features, and a student of that fold only: the hint says so, and works when pasted.
+    _, out = captured(feat_save.main, ["--database", str(project["db"]), "--run", str(run), "--fold", "0",
+                                       "--features-dir", str(tmp_path / "f"), "--no-progress", "--workers", "0"])
+    assert "--fold 0" in hint(out), hint(out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        paste(hint(out) + " --no-progress --out s")
+    assert kdoiqa.load(tmp_path / "s", "cpu").folds == [0]
 
 
 # ----------------------------------------------------------------------------------------------
