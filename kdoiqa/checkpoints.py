@@ -101,7 +101,8 @@ def find_checkpoints(target: Path) -> list[Path]:
             raise UserError(f"{target}: its folds have not finished training (only {RESUME}); {finish_hint(run_dir)}")
         raise UserError(f"{target}: no {CHECKPOINT} here or in fold*/; pass a run folder, a fold folder or a "
                         f"checkpoint file")
-    raise UserError(f"{target}: no such checkpoint, fold folder or run folder")
+    where = "" if target.is_absolute() else f" (relative to the working folder {Path.cwd()})"
+    raise UserError(f"{target}{where}: no such checkpoint, fold folder or run folder")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -325,6 +325,13 @@ def test_from_another_folder_the_features_are_found(project, tmp_path, monkeypat
     assert (elsewhere / "s" / "fold0" / "checkpoint.pt").is_file()
 
 
+def test_a_missing_run_folder_says_what_it_is_relative_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:
+        kdoiqa.load("runs/x")
+    assert str(info.value).startswith(f"runs/x (relative to the working folder {tmp_path}): no such"), info.value
+
+
 def test_from_another_folder_a_missing_database_is_found_not_made_twice(tmp_path, monkeypatch):
     make_tiny_db(tmp_path / "proj" / "data" / "Synthetic", contents=2, levels=2, size=(32, 16))
     (tmp_path / "proj" / "scripts").mkdir()
