@@ -195,7 +195,7 @@ def runtime_parser() -> argparse.ArgumentParser:
                         f"score head and projector stay fp32 {by_protocol('amp')}")
     g.add_argument("--tf32", choices=("on", "off"), default=None,
                    help="TF32 matmuls and convolutions on CUDA (default by --protocol: ours on, paper off)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (one line per epoch instead)")
     return p
 
 
@@ -213,7 +213,10 @@ def training_runtime_parser() -> argparse.ArgumentParser:
                         "databases trained with large batches, or a single split such as a cross-database run). A "
                         "process waits for the others' work without a time limit; one collective may take at most "
                         "KDOIQA_COLLECTIVE_TIMEOUT seconds (default 1800)")
-    g.add_argument("--sync-bn", action="store_true", help="with --parallel batch: BatchNorm statistics over all processes")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="with --parallel batch: BatchNorm statistics over all processes (a process whose share of "
+                        "a short last batch is empty joins with a stand-in row of weight 0; that row does enter "
+                        "the statistics of that one step)")
     return p
 
 

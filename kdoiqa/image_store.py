@@ -237,14 +237,14 @@ class ImageStore:
 
 
 def _worker_init(worker_id: int) -> None:
-    """A data-loading worker ignores Ctrl-C and SIGTERM: the training process holds them back until its
-    epoch's state is saved (common.deferred_interrupts) and then ends its workers itself. Forked workers
-    inherit that handler; spawned and forkserver ones (Python 3.14's default on Linux) would otherwise
-    die at the first Ctrl-C of the terminal's process group and end the epoch in a DataLoader error."""
+    """A data-loading worker ignores Ctrl-C: the training process holds it back until its epoch's state is
+    saved (common.deferred_interrupts) and then ends its workers itself. Forked workers inherit that
+    handler; spawned and forkserver ones (Python 3.14's default on Linux) would otherwise die at the first
+    Ctrl-C of the terminal's process group and end the epoch in a DataLoader error. SIGTERM keeps its
+    default: it is how DataLoader and multiprocessing end a worker that does not stop by itself."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _PlanSampler:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kdoiqa import cli, engine
+from kdoiqa.accelerator import ACCELERATOR
 from kdoiqa.checkpoints import (
     RESUME,
     check_run_folds,
@@ -53,7 +54,7 @@ from kdoiqa.teacher_features import (
     read_authors_fold,
     save_features,
 )
-from kdoiqa.training import start_run, train_folds
+from kdoiqa.training import precision, start_run, train_folds
 from models.backbone import prepare_model
 
 TEACHER, CROSS_TEACHER = "teacher_train", "teacher_crossdb_train"
@@ -195,13 +196,12 @@ def _teacher_store(db: Database, record: dict, data: DataSettings, device: torch
     return ImageStore(db, db.images, "faces", faces, device, progress=progress)
 
 
-def _feature_amp(runtime: RuntimeSettings, record: dict, device: torch.device) -> str:
-    """--amp as given, else the teacher's protocol's (fp32 features under the paper's); TF32 likewise."""
+def _feature_precision(runtime: RuntimeSettings, record: dict) -> tuple[str, bool]:
+    """(--amp, TF32) of the feature extraction: as given, else the teacher's protocol's (fp32 features,
+    TF32 off, under the paper's)."""
     protocol = PROTOCOLS[record.get("protocol") or "ours"]
-    if device.type == "cuda":
-        tf32 = runtime.tf32 if runtime.tf32 is not None else protocol["tf32"]
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
-    return runtime.amp if runtime.amp is not None else protocol["amp"]
+    tf32 = runtime.tf32 if runtime.tf32 is not None else protocol["tf32"]
+    return (runtime.amp if runtime.amp is not None else protocol["amp"]), bool(tf32)
 
 
 def _teacher_checkpoint(run_dir: Path, fold: int, resume_hint: str) -> tuple[dict, Path]:
@@ -217,12 +217,14 @@ def _teacher_checkpoint(run_dir: Path, fold: int, resume_hint: str) -> tuple[dic
     return ckpt, path
 
 
-def _teacher_features(checkpoint: tuple[dict, Path], store: ImageStore, batch_size: int, amp: str,
+def _teacher_features(checkpoint: tuple[dict, Path], store: ImageStore, batch_size: int, amp_tf32: tuple[str, bool],
                       device: torch.device, progress: bool, fold: int) -> tuple[torch.Tensor, Path]:
     ckpt, path = checkpoint
-    model = prepare_model(model_from_checkpoint(ckpt, path), device)
-    _, feats = engine.infer(model, store, store.images, batch_size, engine.autocast_for(amp, device),
-                            progress=progress, desc=f"teacher features (fold {fold})")
+    amp, tf32 = amp_tf32
+    model = prepare_model(model_from_checkpoint(ckpt, path), device, channels_last=ACCELERATOR.takes(device))
+    with precision(tf32, False, device):  # TF32 for this extraction only
+        _, feats = engine.infer(model, store, store.images, batch_size, engine.autocast_for(amp, device),
+                                progress=progress, desc=f"teacher features (fold {fold})")
     return feats, path
 
 
@@ -273,7 +275,7 @@ def save_teacher_features(database: str, data_root: str | None, run_dir: str | N
                                 data_root=_portable_root(data_root))
     written = []
     for k in fold_ids:
-        feats, ckpt = _teacher_features(checkpoints[k], store, batch_size, _feature_amp(runtime, record, device), device,
+        feats, ckpt = _teacher_features(checkpoints[k], store, batch_size, _feature_precision(runtime, record), device,
                                         runtime.progress, k)
         out = fold_feature_path(out_dir, k)
         save_features(out, db=db, names=store.images, feats=feats, fold=k, test_images=folds.folds[k].test,
@@ -363,7 +365,7 @@ def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir:
     checkpoint = _teacher_checkpoint(run, 0, _command(f"{CROSS_TEACHER}.py", "--resume", "--out", run))
     device = resolve_device(runtime.device)
     store = _teacher_store(pair.train, record, data, device, runtime.progress)
-    feats, ckpt = _teacher_features(checkpoint, store, batch_size, _feature_amp(runtime, record, device), device,
+    feats, ckpt = _teacher_features(checkpoint, store, batch_size, _feature_precision(runtime, record), device,
                                     runtime.progress, 0)
     out = out_dir / CROSS_FILE
     save_features(out, db=pair.train, names=pair.train.images, feats=feats, fold=None, test_images=pair.test.images,
