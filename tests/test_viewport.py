@@ -326,3 +326,17 @@ def test_real_photo():
         assert np.abs(hwc(faces8[k]).astype(int) - ref8).max() <= 1
     aa = cube_faces(chw(img), 48, antialias=True)  # native 240 -> 48
     assert (aa - exact_pipeline(img, FACE_CENTERS_DEG, 90, 48)).abs().max() <= AA_TOL
+
+
+def test_grids_cached_under_inference_mode_serve_gradients_later():
+    """A grid first built inside torch.inference_mode() (a user's scoring loop) must not break a later
+    projection that needs gradients in the same process (inference tensors cannot enter autograd)."""
+    from viewport.project import clear_cache
+
+    clear_cache()
+    erp = torch.rand(1, 3, 40, 80)
+    with torch.inference_mode():
+        cube_faces(erp, 12, antialias=False)
+    x = erp.clone().requires_grad_(True)
+    cube_faces(x, 12, antialias=False).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

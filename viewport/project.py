@@ -208,7 +208,10 @@ def _get_grid(in_h: int, in_w: int, out_h: int, out_w: int, centers: tuple[tuple
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    built = _build_grid(in_h, in_w, out_h, out_w, centers, fov, rolls, dtype, device)
+    # Cached grids outlive the caller's mode: built under inference_mode they would be inference
+    # tensors, which a later projection with gradients may not use.
+    with torch.inference_mode(False):
+        built = _build_grid(in_h, in_w, out_h, out_w, centers, fov, rolls, dtype, device)
     with _cache_lock:
         _cache[key] = built
         _cache.move_to_end(key)
