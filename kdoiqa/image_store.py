@@ -131,8 +131,7 @@ class ImageStore:
     def _faces_online(self) -> bool:
         if self.data.faces != "auto":
             return self.data.faces == "online"
-        return not all(p.is_file() for image in self.images
-                       for p in self.db.face_paths(image, self.data.face_size, self.data.face_jpeg_quality))
+        return not all(image in self.dataset.derived for image in self.images)  # every face file there and fresh
 
     def _decode_all(self, progress: bool) -> torch.Tensor:
         from tqdm import tqdm
@@ -159,12 +158,14 @@ class ImageStore:
         bad file is reported before the run folder exists rather than in the middle of an epoch."""
         from kdoiqa.derived_files import check_readable
 
-        if self.view == "faces" and not self._faces_online():
+        # The files the batches will read: a fresh derived file, else (missing or stale) the source.
+        derived = self.dataset.derived
+        if self.view == "faces":
             paths = [p for image in self.images
-                     for p in self.db.face_paths(image, self.data.face_size, self.data.face_jpeg_quality)]
+                     for p in (self.db.face_paths(image, self.data.face_size, self.data.face_jpeg_quality)
+                               if image in derived else [self.db.path(image)])]
         elif self.view == "erp":
-            paths = [self.db.erp_path(x, self.data.erp_size) if self.db.erp_path(x, self.data.erp_size).is_file()
-                     else self.db.path(x) for x in self.images]
+            paths = [self.db.erp_path(x, self.data.erp_size) if x in derived else self.db.path(x) for x in self.images]
         else:
             paths = [self.db.path(x) for x in self.images]
         check_readable(paths)

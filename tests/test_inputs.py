@@ -299,6 +299,22 @@ def test_the_pixel_cache_of_training_holds_the_new_pixels(resized, capsys):
     assert len(stale_lines(capsys.readouterr().err)) == 1
 
 
+def test_streaming_checks_the_file_it_will_read_not_the_stale_copy(resized, capsys):
+    """--cache none checks every file before training: for a replaced original that is the original
+    (its old copy is stale and will not be read), so a broken new original is reported up front."""
+    from kdoiqa.image_store import ImageStore
+    from kdoiqa.settings import DataSettings
+
+    db = resized
+    broken = db.path(db.images[1])
+    future = db.erp_path(db.images[1], ERP).stat().st_mtime_ns + 5_000_000_000
+    broken.write_bytes(broken.read_bytes()[:100])                   # truncated, newer than its copy
+    os.utime(broken, ns=(future, future))
+    with pytest.raises(UserError, match=str(broken.name)):
+        ImageStore(db, db.images, "erp", DataSettings(erp_size=ERP, workers=0, cache="none"), torch.device("cpu"),
+                   progress=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # The scorer: 16-bit files, float tensors, repr, the 2:1 rule.
 
