@@ -376,7 +376,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def face_size_for(width: int) -> int:
     """Cube-face side used by the measure: the paper's native face size 8 * floor(W / pi / 8),
     at which a face centre has the ERP's own resolution (so the measure sees every ERP detail)."""
-    from viewport.project import native_face_size
+    from kdoiqa.viewport.project import native_face_size
 
     return max(SSIM_WINDOW + 5, native_face_size(width))
 
@@ -385,7 +385,7 @@ def cube_face_luma(images: np.ndarray, face_size: int) -> np.ndarray:
     """Luma of the six cube faces of ERP images: uint8 [N, H, W, 3] -> float64 [N, 6, s, s] in 0..255."""
     import torch
 
-    from viewport.project import cube_faces
+    from kdoiqa.viewport.project import cube_faces
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                    # deterministic whatever the worker count

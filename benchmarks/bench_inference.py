@@ -24,8 +24,8 @@ from bench_utils import machine, report, sync_for, timed
 from PIL import Image
 
 from kdoiqa.common import parse_size
-from models import build_model
-from viewport.project import cube_faces
+from kdoiqa.models import build_model
+from kdoiqa.viewport.project import cube_faces
 
 
 def main() -> None:

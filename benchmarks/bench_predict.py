@@ -24,7 +24,7 @@ from PIL import Image
 import predict
 from kdoiqa.checkpoints import save_checkpoint
 from kdoiqa.common import parse_size
-from models import build_model
+from kdoiqa.models import build_model
 
 
 def main() -> None:

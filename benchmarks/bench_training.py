@@ -31,8 +31,8 @@ from kdoiqa.common import parse_size
 from kdoiqa.databases import Database
 from kdoiqa.image_store import ImageStore
 from kdoiqa.methods import StudentMethod, TargetScale, TeacherMethod
+from kdoiqa.models import build_model
 from kdoiqa.settings import DataSettings, DistillSettings, OptimSettings, RunSettings
-from models import build_model
 
 
 def rates(method, store: ImageStore, optim: OptimSettings, amp: str, device: torch.device,

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_utils import machine, report, timed
 
-from viewport.equi2cubic import equi2cubic
-from viewport.project import FACE_CENTERS_DEG, cube_faces, extract, native_face_size
+from kdoiqa.viewport.equi2cubic import equi2cubic
+from kdoiqa.viewport.project import FACE_CENTERS_DEG, cube_faces, extract, native_face_size
 
 
 def sphere_centres(n: int) -> list[tuple[float, float]]:

@@ -206,7 +206,7 @@ class Scorer(nn.Module):
         if self.face_jpeg_quality is not None:
             raise InputError("this teacher was trained on JPEG-compressed faces (--protocol paper): gradients "
                              "cannot pass the JPEG step; score without gradients or pass uint8 images")
-        from viewport.project import cube_faces
+        from kdoiqa.viewport.project import cube_faces
 
         value = project_faces(_quantised(erp), self.face_size, None)
         return _straight_through(cube_faces(erp, self.face_size, antialias=True), value)

@@ -58,7 +58,7 @@ def load_resume_state(path: Path) -> dict:
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> nn.Module:
     """The checkpoint's model with its weights; a foreign architecture or layout is one line naming the file."""
-    from models import model_from_config
+    from kdoiqa.models import model_from_config
 
     try:
         model = model_from_config(ckpt["model_config"])

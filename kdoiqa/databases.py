@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from kdoiqa.common import UserError
-from viewport.layout import FACE_NAMES
+from kdoiqa.viewport.layout import FACE_NAMES
 
 REQUIRED_COLUMNS = ("image", "mos", "ref")
 OPTIONAL_COLUMNS = ("distortion", "level")

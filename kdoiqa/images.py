@@ -272,8 +272,8 @@ def project_faces(erp, face_size: int, jpeg_quality: int | None = None):
     img_resize.py)."""
     import torch
 
-    from viewport.equi2cubic import equi2cubic
-    from viewport.project import cube_faces
+    from kdoiqa.viewport.equi2cubic import equi2cubic
+    from kdoiqa.viewport.project import cube_faces
 
     if jpeg_quality is None:
         return cube_faces(erp, face_size, antialias=True)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kdoiqa.models import PolicyNet, build_model
+from kdoiqa.models.policy import mix
 from kdoiqa.settings import DistillSettings, ModelSettings, OptimSettings
-from models import PolicyNet, build_model
-from models.policy import mix
 
 
 @dataclass(frozen=True)

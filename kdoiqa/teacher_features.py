@@ -21,7 +21,7 @@ import torch
 
 from kdoiqa.common import UserError, atomic_torch_save, jsonable, sha256_file, torch_load
 from kdoiqa.databases import Database, database_key, image_stem
-from models import FACE_LAYOUT
+from kdoiqa.models import FACE_LAYOUT
 
 FORMAT_VERSION = 2
 CROSS_FILE = "all.pt"

@@ -31,9 +31,9 @@ from kdoiqa.distributed import DIST, sum_gradients
 from kdoiqa.folds import FoldSet, FoldSplit, holdout_validation, resolve_folds
 from kdoiqa.image_store import ImageStore
 from kdoiqa.methods import Method, TargetScale
+from kdoiqa.models.backbone import prepare_model
 from kdoiqa.runs import FoldResult, Run, check_run_dir, finish_run, labels, run_name, run_record, write_fold_outputs
 from kdoiqa.settings import TrainingSettings, protocol_note
-from models.backbone import prepare_model
 
 # ----------------------------------------------------------------------------------------------
 # A run.

@@ -12,10 +12,10 @@ from typing import Any
 from torch import nn
 
 from kdoiqa.common import UserError
-from models.backbone import ARCHS, NORMALIZE_MODES, InputNorm, build_backbone
-from models.policy import BinarizeSTE, PolicyNet, mix
-from models.student import StudentNet
-from models.teacher import FACE_LAYOUT, NUM_FACES, TeacherNet
+from kdoiqa.models.backbone import ARCHS, NORMALIZE_MODES, InputNorm, build_backbone
+from kdoiqa.models.policy import BinarizeSTE, PolicyNet, mix
+from kdoiqa.models.student import StudentNet
+from kdoiqa.models.teacher import FACE_LAYOUT, NUM_FACES, TeacherNet
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"teacher": TeacherNet, "student": StudentNet, "policy": PolicyNet}
 

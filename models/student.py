@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kdoiqa.common import UserError
-from models.backbone import ScoringNet, fp32
+from kdoiqa.models.backbone import ScoringNet, fp32
 
 
 class StudentNet(ScoringNet):

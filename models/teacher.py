@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from kdoiqa.common import UserError
-from models.backbone import ScoringNet, fp32
-from viewport.layout import FACE_NAMES
+from kdoiqa.models.backbone import ScoringNet, fp32
+from kdoiqa.viewport.layout import FACE_NAMES
 
 FACE_LAYOUT: tuple[str, ...] = FACE_NAMES
 NUM_FACES = len(FACE_LAYOUT)

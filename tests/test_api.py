@@ -107,8 +107,8 @@ def test_bad_inputs_are_one_clear_error(trained, tmp_path):
 
 TOP_LEVEL = {"teacher_train.py", "feat_save.py", "mask_train.py", "teacher_crossdb_train.py", "crossdb_feat.py",
              "crossdb_train.py", "img_resize.py", "dataset.py", "dataset_cross.py", "predict.py", "reproduce.py",
-             "demo.py", "make_synthetic_db.py", "models", "viewport", "benchmarks", "tests", "kdoiqa", "README.md",
-             "requirements.txt", "requirements-dev.txt", "Makefile", "pyproject.toml", ".ci", ".gitignore"}
+             "demo.py", "make_synthetic_db.py", "models", "viewport", "features", "benchmarks", "tests", "kdoiqa",
+             "README.md", "requirements.txt", "requirements-dev.txt", "Makefile", "pyproject.toml", ".ci", ".gitignore"}
 
 
 def tracked() -> list[str]:
@@ -118,6 +118,37 @@ def tracked() -> list[str]:
 
 def test_the_top_level_lists_only_the_scripts_and_the_project_files():
     assert {name.split("/")[0] for name in tracked()} <= TOP_LEVEL
+
+
+def test_a_clone_has_the_feature_cache_folder_with_its_readme_alone():
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "features"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert listed == ["features/README.md"]
+    readme = (REPO / "features" / "README.md").read_text()
+    assert "<database key>/fold<k>.pt" in readme and "<key A>-to-<key B>/all.pt" in readme
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "features/CVIQ/fold0.pt", "features/notes.txt",
+                              "features/README.md"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert ignored == ["features/CVIQ/fold0.pt", "features/notes.txt"]
+
+
+def test_a_checkout_maps_the_subpackages_to_the_folders_the_wheel_installs(tmp_path):
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"] == kdoiqa.SUBPACKAGE_DIRS
+    assert set(config["packages"]) == {"kdoiqa", *kdoiqa.SUBPACKAGE_DIRS}
+    # From a folder with its own models/ and viewport/ (which must never be imported), the checkout on PYTHONPATH.
+    for name in ("models", "viewport"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\'s own {name} was imported')\n")
+    code = ("import json, sys, kdoiqa.models, kdoiqa.viewport.project, kdoiqa.models.teacher as t; "
+            "print(json.dumps([kdoiqa.models.__file__, kdoiqa.viewport.project.__file__, t.TeacherNet.__module__, "
+            "'models' in sys.modules or 'viewport' in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    models_file, project_file, module, claimed = json.loads(proc.stdout)
+    assert Path(models_file) == REPO / "models" / "__init__.py" and Path(project_file) == REPO / "viewport" / "project.py"
+    assert module == "kdoiqa.models.teacher" and claimed is False
 
 
 def _imports(path: Path) -> set[str]:
@@ -133,8 +164,14 @@ def _imports(path: Path) -> set[str]:
 
 def test_scripts_import_the_library_and_nothing_imports_in_a_loop():
     files = [REPO / name for name in tracked() if name.endswith(".py") and not name.startswith(("tests/", "benchmarks/"))]
+    # models/ and viewport/ are the subpackages kdoiqa.models and kdoiqa.viewport (pyproject.toml's package-dir).
     module_of = {f: ".".join(f.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__") for f in files}
+    module_of = {f: f"kdoiqa.{m}" if m.split(".")[0] in ("models", "viewport") else m for f, m in module_of.items()}
     modules = set(module_of.values())
+    every_file = [REPO / name for name in tracked() if name.endswith(".py") and (REPO / name).is_file()]
+    for path in every_file:  # the project claims one top-level name: nothing imports `models` or `viewport`
+        claimed = {m for m in _imports(path) if m.split(".")[0] in ("models", "viewport")}
+        assert not claimed, f"{path} imports {claimed} (write kdoiqa.models / kdoiqa.viewport)"
     scripts = {m for m in modules if "." not in m and (REPO / f"{m}.py").is_file()}
     graph = {module_of[f]: {m for m in _imports(f) if m in modules} - {module_of[f]} for f in files}
     for module, deps in graph.items():
@@ -179,7 +216,10 @@ def test_pip_install_e_in_a_fresh_venv(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    check = subprocess.run([str(python), "-c", "import json, kdoiqa, models, viewport.project; "
+    for name in ("models", "viewport"):  # a user's own packages of these names are never imported
+        (elsewhere / name).mkdir()
+        (elsewhere / name / "__init__.py").write_text("raise ImportError('the user\'s own package was imported')\n")
+    check = subprocess.run([str(python), "-c", "import json, kdoiqa, kdoiqa.models, kdoiqa.viewport.project; "
                             "print(json.dumps([kdoiqa.__file__, callable(kdoiqa.load), kdoiqa.Scorer.__name__]))"],
                            cwd=elsewhere, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stderr[-2000:]

@@ -316,7 +316,7 @@ def test_image_dataset_faces_online_and_disk(image_db):
     import torch
     from PIL import Image
 
-    from viewport.project import cube_faces
+    from kdoiqa.viewport.project import cube_faces
 
     online = ImageDataset(image_db, image_db.images, "faces", face_size=8, faces_source="online")
     item = online[2]

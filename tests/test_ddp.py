@@ -35,8 +35,8 @@ def _join(rank: int, world: int, port: int) -> None:
 
 def _student(epoch_phase_kd: str = "mask"):
     from kdoiqa.methods import StudentMethod
+    from kdoiqa.models import build_model
     from kdoiqa.settings import DistillSettings
-    from models import build_model
 
     torch.manual_seed(0)
     return StudentMethod(build_model("student", pretrained=False, normalize="none"),

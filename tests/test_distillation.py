@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kdoiqa.methods import StudentMethod
+from kdoiqa.models import build_model
 from kdoiqa.settings import DistillSettings, OptimSettings
-from models import build_model
 
 
 def make_method(kd: str = "mask") -> StudentMethod:
@@ -63,7 +63,7 @@ def test_mask_is_binary_and_mixes_channels():
     mask = method.policy(f_s, b["teacher_feature"])
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     assert 0 < mask.mean() < 1
-    from models.policy import mix
+    from kdoiqa.models.policy import mix
 
     mixed = mix(f_s, b["teacher_feature"], mask)
     expected = torch.where(mask.bool(), b["teacher_feature"], f_s)

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import viewport.equi2cubic as e2c
-from viewport.equi2cubic import equi2cubic, equi2cubic_size
+import kdoiqa.viewport.equi2cubic as e2c
+from kdoiqa.viewport.equi2cubic import equi2cubic, equi2cubic_size
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "kd-oiqa-upstream" / "equi2cubic"
 NAMES = ("F", "R", "BA", "L", "T", "BO")

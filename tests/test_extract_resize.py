@@ -75,7 +75,7 @@ def bump(source: Path, derived: list[Path]) -> None:
 # img_resize.py --faces
 
 def test_extract_faces_exact(db):
-    from viewport.project import cube_faces
+    from kdoiqa.viewport.project import cube_faces
 
     summary = derived_files.extract_database(db, FACE, "cpu", 2, batch_size=2, progress=False)
     assert summary.written == db.images and summary.skipped == [] and summary.not_two_to_one == []

@@ -14,7 +14,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdoiqa.common import UserError
-from models import (
+from kdoiqa.models import (
     FACE_LAYOUT,
     BinarizeSTE,
     InputNorm,
@@ -26,7 +26,7 @@ from models import (
     mix,
     model_from_config,
 )
-from models.backbone import expected_weights_file
+from kdoiqa.models.backbone import expected_weights_file
 
 
 @pytest.fixture(autouse=True)

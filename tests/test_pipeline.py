@@ -98,7 +98,7 @@ def test_checkpoints_load_weights_only(pipeline):
 def test_features_equal_teacher_forward(pipeline):
     """The cached feature of an image is the teacher's projector output for its faces."""
     from kdoiqa.images import load_faces
-    from models import model_from_config
+    from kdoiqa.models import model_from_config
 
     ckpt = torch.load(pipeline["teacher"] / "fold1" / "checkpoint.pt", weights_only=True)
     model = model_from_config(ckpt["model_config"]).eval()

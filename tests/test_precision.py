@@ -10,9 +10,9 @@ from torch.nn import functional as F
 
 from kdoiqa import engine
 from kdoiqa.methods import StudentMethod, current_loss_scale
+from kdoiqa.models import build_model
+from kdoiqa.models.teacher import NUM_FACES
 from kdoiqa.settings import DistillSettings
-from models import build_model
-from models.teacher import NUM_FACES
 
 
 def _student_and_batch(seed: int = 0):
@@ -80,7 +80,7 @@ def test_fp16_clamp_at_the_default_loss_scale_is_finite():
     assert torch.isfinite(fp16).all()
     assert F.cosine_similarity(fp16, reference, dim=0) > 0.99
     # The clamp itself at that scale: an overflowed upstream gradient becomes the bound, not inf.
-    from models.policy import binarize
+    from kdoiqa.models.policy import binarize
 
     probs = torch.full((3,), 0.7, requires_grad=True)
     bound = torch.tensor(2.0**16)

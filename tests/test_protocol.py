@@ -263,7 +263,7 @@ def test_jpeg_faces_are_the_papers_pipeline(dbs, tmp_path):
 
     from kdoiqa.derived_files import extract_database
     from kdoiqa.images import jpeg_roundtrip, load_faces, read_rgb, resize_rgb, to_chw
-    from viewport.equi2cubic import equi2cubic
+    from kdoiqa.viewport.equi2cubic import equi2cubic
 
     db = load_database(dbs["B"])
     image = db.images[0]

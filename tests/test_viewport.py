@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import viewport.project as vp
-from viewport.project import (
+import kdoiqa.viewport.project as vp
+from kdoiqa.viewport.project import (
     FACE_CENTERS_DEG,
     FACE_NAMES,
     cube_faces,
@@ -331,7 +331,7 @@ def test_real_photo():
 def test_grids_cached_under_inference_mode_serve_gradients_later():
     """A grid first built inside torch.inference_mode() (a user's scoring loop) must not break a later
     projection that needs gradients in the same process (inference tensors cannot enter autograd)."""
-    from viewport.project import clear_cache
+    from kdoiqa.viewport.project import clear_cache
 
     clear_cache()
     erp = torch.rand(1, 3, 40, 80)

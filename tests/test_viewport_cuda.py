@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from viewport.project import cube_faces
+from kdoiqa.viewport.project import cube_faces
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

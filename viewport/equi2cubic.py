@@ -27,7 +27,7 @@ from functools import cache, lru_cache
 import numpy as np
 import torch
 
-from viewport.layout import FACE_CENTERS_DEG, FACE_NAMES
+from kdoiqa.viewport.layout import FACE_CENTERS_DEG, FACE_NAMES
 
 __all__ = ["FACE_NAMES", "equi2cubic", "equi2cubic_size"]
 

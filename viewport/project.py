@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from viewport.layout import FACE_CENTERS_DEG, FACE_NAMES
+from kdoiqa.viewport.layout import FACE_CENTERS_DEG, FACE_NAMES
 
 __all__ = [
     "FACE_CENTERS_DEG",
