@@ -555,3 +555,45 @@ def check_distill_values(settings: TrainingSettings) -> None:
         raise UserError(f"--kd {d.kd} with --epochs {epochs}: its distillation phase starts at epoch {first} "
                         f"(after {phases}), so the run would never distil; raise --epochs to {first} or more, or "
                         f"lower the phase epochs")
+
+
+# ----------------------------------------------------------------------------------------------
+# predict.py, installed as the console script `kdoiqa-predict` (pyproject.toml's [project.scripts]).
+
+def predict_parser() -> Parser:
+    from kdoiqa import predicting
+
+    parser = Parser(description=predicting.__doc__)
+    parser.add_argument("model", type=Path, help="a checkpoint.pt, a fold folder or a run folder (every fold)")
+    parser.add_argument("inputs", nargs="+", type=Path,
+                        help="ERP image files or folders (searched recursively; a database folder: its meta.csv images)")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the scores to this CSV (default: print them only)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    parser.add_argument("--batch-size", type=positive, default=16, help="images per forward pass")
+    parser.add_argument("--threads", type=positive, default=default_threads(), help="decoding threads")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                        help="mixed precision (auto: bf16 on a GPU that computes it natively, else none; the score "
+                             "head is fp32 either way)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="score a run folder whose folds have not all finished with its finished folds (the "
+                             "header names the unfinished ones; default: refused)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """predict.py's command line -> `kdoiqa.predicting.predict`; returns the exit code."""
+    from kdoiqa.predicting import predict
+
+    args = predict_parser().parse_args(argv)
+    return predict(args.model, args.inputs, csv=args.csv, device=args.device, batch_size=args.batch_size,
+                   threads=args.threads, amp=args.amp, strict=args.strict, allow_partial=args.allow_partial,
+                   progress=args.progress)
+
+
+def predict_command() -> None:
+    """The console script `kdoiqa-predict`: predict.py's command line, its errors one line (exit code 2)."""
+    from kdoiqa.common import run_cli
+
+    run_cli(predict_main)

@@ -225,3 +225,70 @@ def test_pip_install_e_in_a_fresh_venv(tmp_path):
     assert check.returncode == 0, check.stderr[-2000:]
     path, loadable, name = json.loads(check.stdout)
     assert Path(path).resolve() == (REPO / "kdoiqa" / "__init__.py").resolve() and loadable and name == "Scorer"
+
+
+def test_the_wheel_installs_kdoiqa_alone_and_its_console_script_scores_beside_a_users_models(trained, tmp_path):
+    import zipfile
+
+    src = tmp_path / "src"  # the checkout's files, built outside it (setuptools writes build/ beside the sources)
+    for name in tracked():
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", str(src), "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300,
+                           env=env)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        dist_info = f"kdoiqa-{kdoiqa.__version__}.dist-info"
+        entry_points = archive.read(f"{dist_info}/entry_points.txt").decode()
+    assert {name.split("/")[0] for name in names} == {"kdoiqa", dist_info}
+    assert {"kdoiqa/models/teacher.py", "kdoiqa/viewport/equi2cubic.py", "kdoiqa/predicting.py"} <= set(names)
+    assert "kdoiqa-predict = kdoiqa.cli:predict_command" in entry_points
+    # A fresh venv (no pip of its own; the dependencies from this environment by a .pth file), the wheel alone.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True, env=env).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                                "--no-index", "-q", str(wheel)], capture_output=True, text=True, timeout=300, env=env)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    # A user's project with its own models/ and viewport/ packages (importing either is an error), on PYTHONPATH.
+    user = tmp_path / "project"
+    for name in ("models", "viewport"):
+        (user / name).mkdir(parents=True)
+        (user / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
+    (user / "photos").mkdir()
+    for image in trained["images"][:3]:
+        shutil.copy2(image, user / "photos" / image.name)
+    photos = sorted((user / "photos").iterdir())
+    expected = predict_csv(trained["student"], photos, tmp_path / "checkout.csv")  # the checkout's predict.py
+    user_env = {**env, "PYTHONPATH": str(user)}
+    script = venv / "bin" / "kdoiqa-predict"
+    shown = subprocess.run([str(script), "--help"], cwd=user, capture_output=True, text=True, timeout=120, env=user_env)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: kdoiqa-predict"), shown.stderr[-2000:]
+    scored = subprocess.run([str(script), str(trained["student"]), "photos", "--csv", "scores.csv", "--device", "cpu",
+                             "--no-progress"], cwd=user, capture_output=True, text=True, timeout=300, env=user_env)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    table = pd.read_csv(user / "scores.csv")
+    assert [Path(name).name for name in table["image"]] == [p.name for p in photos]
+    np.testing.assert_allclose(table["score"].to_numpy(), expected["score"].to_numpy(), atol=1e-4)
+    wrong = subprocess.run([str(script), str(tmp_path / "missing"), "photos"], cwd=user, capture_output=True, text=True,
+                           timeout=120, env=user_env)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: ") and wrong.stderr.count("\n") == 1, wrong.stderr
+    # From Python in that folder: the installed package, the user's packages untouched.
+    code = ("import json, sys, kdoiqa; metric = kdoiqa.load(sys.argv[1], 'cpu'); scores = metric(sys.argv[2:]); "
+            "print(json.dumps([kdoiqa.__file__, scores.tolist(), sorted({'models', 'viewport'} & set(sys.modules))]))")
+    used = subprocess.run([str(python), "-c", code, str(trained["student"]), *map(str, photos)], cwd=user,
+                          capture_output=True, text=True, timeout=300, env=user_env)
+    assert used.returncode == 0, used.stderr[-2000:]
+    path, scores, claimed = json.loads(used.stdout)
+    assert Path(path).is_relative_to(venv) and claimed == []
+    np.testing.assert_allclose(scores, expected["score"].to_numpy(), atol=1e-4)
