@@ -292,3 +292,15 @@ def test_the_wheel_installs_kdoiqa_alone_and_its_console_script_scores_beside_a_
     path, scores, claimed = json.loads(used.stdout)
     assert Path(path).is_relative_to(venv) and claimed == []
     np.testing.assert_allclose(scores, expected["score"].to_numpy(), atol=1e-4)
+
+
+def test_predict_and_make_synthetic_db_are_thin_scripts():
+    """Their work is the library's (kdoiqa.predicting, kdoiqa.synthetic, the command line in kdoiqa.cli)."""
+    for script, allowed in (("predict.py", set()), ("make_synthetic_db.py", {"build_parser", "main"})):
+        tree = ast.parse((REPO / script).read_text())
+        defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert defined <= allowed and len((REPO / script).read_text().splitlines()) < 120, (script, defined)
+    import make_synthetic_db
+    from kdoiqa import synthetic
+
+    assert make_synthetic_db.make_content is synthetic.make_content and predict.main.__module__ == "kdoiqa.cli"
