@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     cli.check_cross_values(args)
     stages.save_crossdb_features(args.database_train, args.database_test, args.data_root, args.run, args.features_dir,
                                  data=cli.data_settings(args), runtime=cli.inference_runtime(args),
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size,
+                                 hint=cli.features_hint(args.database_train, args.data_root, args.features_dir,
+                                                        test=args.database_test))
 
 
 if __name__ == "__main__":

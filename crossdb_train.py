@@ -16,8 +16,11 @@ written to <out>/matrix.csv (default runs/crossdb_matrix; rows = trained on, col
 """
 from __future__ import annotations
 
+import shlex
+import sys
+
 from kdoiqa import cli, stages
-from kdoiqa.common import run_cli
+from kdoiqa.common import INTERRUPT_HINT, run_cli
 from kdoiqa.crossdb_matrix import MATRIX_DIR, run_matrix
 
 
@@ -32,7 +35,9 @@ def build_parser() -> cli.Parser:
 def main(argv: list[str] | None = None) -> None:
     args, explicit = cli.parse(build_parser(), argv)
     if args.matrix:
-        run_matrix(args, explicit)
+        matrix = cli.matrix_settings(args, explicit)
+        INTERRUPT_HINT.insert(0, shlex.join(["python", "crossdb_train.py", *sys.argv[1:]]))
+        run_matrix(matrix, *cli.matrix_steps(args, explicit))
     else:
         stages.train_student(cli.training_settings("crossdb_train", args, explicit))
 

@@ -73,7 +73,10 @@ def check_args(args) -> list[str]:
     unknown = sorted(set(variants) - set(KD_NAMES))
     if unknown or not variants:
         raise UserError(f"--kd takes a comma-separated list of none, feature, mask; got {args.kd!r}")
-    width, height = parse_size(args.size, name="--size")
+    try:
+        width, height = parse_size(args.size, name="--size")
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if width != 2 * height or width < 128:
         raise UserError(f"--size {args.size}: a panorama twice as wide as high, at least 128x64")
     if args.folds < 2 or args.folds > args.contents:

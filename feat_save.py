@@ -26,11 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_authors:
         cli.refuse_explicit(explicit, TEACHER_RUN_FLAGS, "--from-authors imports the authors' features as released "
                             "(no teacher run is used)")
-        stages.save_authors_features(args.database, args.data_root, args.from_authors, args.features_dir)
+        stages.save_authors_features(args.database, args.data_root, args.from_authors, args.features_dir,
+                                     hint=cli.authors_features_hint(args.database, args.data_root, args.features_dir))
         return
     stages.save_teacher_features(args.database, args.data_root, args.run, args.features_dir,
                                  data=cli.data_settings(args), runtime=cli.inference_runtime(args),
-                                 batch_size=args.batch_size, fold=args.fold, explicit=explicit)
+                                 batch_size=args.batch_size, fold=args.fold, explicit=explicit,
+                                 hint=cli.features_hint(args.database, args.data_root, args.features_dir, args.fold))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from kdoiqa.common import run_cli
 
 def main(argv: list[str] | None = None) -> None:
     args, explicit = cli.parse(cli.student_parser(__doc__), argv)
-    stages.train_student(cli.training_settings("mask_train", args, explicit), explicit)
+    settings = cli.training_settings("mask_train", args, explicit)
+    stages.train_student(settings, explicit, hint=cli.student_hint(settings))
 
 
 if __name__ == "__main__":

@@ -113,11 +113,11 @@ def plan(args, explicit: frozenset[str]) -> Plan:
 
     def training(script: str, where: list[str], run_dir: Path, protocol: str, seed: int, label: str,
                  extra: dict | None = None) -> Stage:
-        build, cross = stages.TRAINERS[script]
+        build, cross = cli.TRAINERS[script]
         argv = [*where, *root, "--protocol", protocol, "--seed", str(seed),
                 *cli.to_argv(build(cross=cross), {**passed, **(extra or {})})]
         kind = ("cross-" if cross else "") + ("teacher" if "teacher" in script else "student")
-        return Stage(kind, label, lambda: stages.run_training(script, argv, run_dir, label))
+        return Stage(kind, label, lambda: cli.run_training(script, argv, run_dir, label))
 
     for protocol in protocols:
         quality = passed.get("face_jpeg_quality", PROTOCOLS[protocol]["face_jpeg_quality"])
@@ -176,7 +176,8 @@ def _features(name: str, teacher: Path, features: Path, args, data) -> str:
     if stages.features_up_to_date(teacher, features, args.data_root, database=name):
         return "done"
     stages.save_teacher_features(name, args.data_root, str(teacher), str(features), data=data,
-                                 runtime=cli.inference_runtime(args))
+                                 runtime=cli.inference_runtime(args),
+                                 hint=cli.features_hint(name, args.data_root, str(features)))
     return "made"
 
 
@@ -184,7 +185,8 @@ def _cross_features(a: str, b: str, pair_dir: Path, args, data) -> str:
     if stages.features_up_to_date(pair_dir / "teacher", pair_dir / "features", args.data_root, pair=(a, b)):
         return "done"
     stages.save_crossdb_features(a, b, args.data_root, str(pair_dir / "teacher"), str(pair_dir / "features"),
-                                 data=data, runtime=cli.inference_runtime(args))
+                                 data=data, runtime=cli.inference_runtime(args),
+                                 hint=cli.features_hint(a, args.data_root, str(pair_dir / "features"), test=b))
     return "made"
 
 

@@ -16,7 +16,8 @@ from kdoiqa.common import run_cli
 
 def main(argv: list[str] | None = None) -> None:
     args, explicit = cli.parse(cli.teacher_parser(__doc__, cross=True), argv)
-    stages.train_teacher(cli.training_settings("teacher_crossdb_train", args, explicit))
+    settings = cli.training_settings("teacher_crossdb_train", args, explicit)
+    stages.train_teacher(settings, hint=cli.teacher_hint(settings))
 
 
 if __name__ == "__main__":

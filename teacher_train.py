@@ -19,7 +19,8 @@ from kdoiqa.common import run_cli
 
 def main(argv: list[str] | None = None) -> None:
     args, explicit = cli.parse(cli.teacher_parser(__doc__), argv)
-    stages.train_teacher(cli.training_settings("teacher_train", args, explicit), explicit)
+    settings = cli.training_settings("teacher_train", args, explicit)
+    stages.train_teacher(settings, explicit, hint=cli.teacher_hint(settings))
 
 
 if __name__ == "__main__":

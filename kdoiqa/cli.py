@@ -12,9 +12,9 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from kdoiqa.common import DEFAULT_SEED, UserError, jsonable, parse_size
 from kdoiqa.settings import (
@@ -51,11 +51,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser that also takes the paper's spellings of our flags."""
+    """ArgumentParser that also takes the paper's spellings of our flags, and reports a bad command line as a
+    UserError (`run_cli` prints it as one line, exit code 2) instead of the usage block."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):  # type: ignore[override]
         argv = list(sys.argv[1:] if args is None else args)
@@ -91,9 +95,19 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[
     return args, frozenset(vars(given))
 
 
+def size_type(name: str) -> Callable[[str], tuple[int, int]]:
+    """An argparse type: `parse_size` for the flag `name`, its ValueError as argparse's message."""
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            return parse_size(text, name=name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
 def erp_size_type(text: str) -> tuple[int, int]:
     """WxH of an equirectangular image: twice as wide as high."""
-    width, height = parse_size(text, name="--erp-size")
+    width, height = size_type("--erp-size")(text)
     if width != 2 * height:
         raise argparse.ArgumentTypeError(f"--erp-size {text}: an equirectangular image is twice as wide as high "
                                          f"(e.g. 1024x512), got {width}x{height}")
@@ -555,6 +569,150 @@ def check_distill_values(settings: TrainingSettings) -> None:
         raise UserError(f"--kd {d.kd} with --epochs {epochs}: its distillation phase starts at epoch {first} "
                         f"(after {phases}), so the run would never distil; raise --epochs to {first} or more, or "
                         f"lower the phase epochs")
+
+
+# ----------------------------------------------------------------------------------------------
+# "next:" hints: the command after a stage, with the user's flags that carry over (the stages print what
+# these functions make of what they made).
+
+def _command(script: str, *words: object) -> str:
+    """`python <script> word ...`, each word quoted for a POSIX shell: a hint that works when pasted."""
+    return shlex.join(["python", script, *(str(w) for w in words)])
+
+
+def teacher_hint(settings: TrainingSettings) -> Callable[[Any], str]:
+    """After a teacher run: the command of its features, with the run's flags that the feature script takes."""
+    from kdoiqa.teacher_features import crossdb_feat_command, feat_save_command
+
+    cross = settings.script == "teacher_crossdb_train"
+    carried = carried_flags(teacher_parser(cross=cross), settings.args, CARRIED_TO_FEATURES)
+
+    def hint(run: Any) -> str:
+        line = (crossdb_feat_command(settings.run.database_train, settings.run.database_test, run.run_dir) if cross
+                else feat_save_command(settings.run.database, run.run_dir))
+        return " ".join([line, *map(shlex.quote, carried)])
+    return hint
+
+
+def student_hint(settings: TrainingSettings) -> Callable[[Any], str] | None:
+    """After a within-database student: predict.py on the run and the database's first image."""
+    if settings.script == "crossdb_train":
+        return None
+    device = ["--device", settings.runtime.device] if settings.runtime.device else []
+    return lambda run: _command("predict.py", run.run_dir, run.db.root / run.db.images[0], *device)
+
+
+def features_hint(database: str, data_root: str | None, features_dir: str | None, fold: int | None = None,
+                  *, test: str | None = None) -> Callable[[dict], str]:
+    """After teacher features (of `database`, or of the pair `database` -> `test`): the student's command, from
+    the teacher run's record."""
+    dirs = ["--features-dir", features_dir] if features_dir else []
+    if test is not None:
+        script, words = "crossdb_train.py", ["--database-train", database, "--database-test", test, *dirs]
+    else:
+        script, words = "mask_train.py", ["--database", database, *dirs, *(["--fold", str(fold)] if fold is not None else [])]
+    return lambda record: student_command(script, words, record, data_root)
+
+
+def authors_features_hint(database: str, data_root: str | None, features_dir: str | None) -> Callable[[Any], str]:
+    """After the authors' features: mask_train.py on them."""
+    return lambda _: _command("mask_train.py", "--database", database, *(["--data-root", data_root] if data_root else []),
+                              *(["--features-dir", features_dir] if features_dir else []))
+
+
+def student_command(script: str, words: list[str], teacher: dict, data_root: str | None) -> str:
+    """The student's command after the features of the teacher run `teacher` (its args.json): `words`, then the
+    user's own flags of that run that the student takes too, at the teacher's scale (its epochs, an ERP size
+    four times its face size as the paper's 1024x512 to 256, distillation phases that fit those epochs)."""
+    args = dict(teacher.get("args") or {})
+    if data_root:
+        args["data_root"] = data_root
+    parser = student_parser(cross=script == "crossdb_train.py")
+    words = [*words, *carried_flags(parser, args, CARRIED_TO_STUDENT)]
+    face = int((teacher.get("settings") or {}).get("data", {}).get("face_size") or 256)
+    if "--erp-size" not in words and face < 256:
+        words += ["--erp-size", f"{4 * face}x{2 * face}"]
+    epochs = int(args.get("epochs") or 100)
+    if epochs < 11:  # the default phases (5 + 5 epochs) would leave no mask phase: refused by mask_train.py
+        phase = (epochs - 1) // 3
+        words += ["--kd-warmup", str(phase), "--kd-feature-epochs", str(phase)]
+    return _command(script, *words)
+
+
+# ----------------------------------------------------------------------------------------------
+# A training in a fixed folder, resumable (reproduce.py, the cross-database matrix).
+
+TRAINERS = {"teacher_train": (teacher_parser, False), "teacher_crossdb_train": (teacher_parser, True),
+            "mask_train": (student_parser, False), "crossdb_train": (student_parser, True)}
+
+
+def run_training(script: str, argv: list[str], run_dir: Path, label: str) -> str:
+    """Train `script` with `argv` in `run_dir` unless it is done there (with the same flags: a run of other
+    settings is refused, as --resume refuses it); resume it when it was interrupted. Returns the state found."""
+    from kdoiqa import stages
+    from kdoiqa.distributed import DIST
+
+    build, cross = TRAINERS[script]
+    parser = build(cross=cross)
+    state = stages.training_state(run_dir)
+    args, explicit = parse(parser, [*argv, "--out", str(run_dir), *(["--resume"] if state != "new" else [])])
+    settings = training_settings(script, args, explicit)  # with --resume: checked against the run's args.json
+    if state == "done":
+        if DIST.is_main:
+            print(f"{label}: done, skipped ({run_dir})", flush=True)
+        return state
+    if DIST.is_main:
+        print(f"{label}: {'resuming' if state == 'partial' else 'training'} in {run_dir}", flush=True)
+    if "teacher" in script:
+        stages.train_teacher(settings, explicit, hint=teacher_hint(settings))
+    else:
+        stages.train_student(settings, explicit, hint=student_hint(settings))
+    return state
+
+
+# Flags of the matrix invocation that do not pass on to its stages (the matrix sets them per pair).
+NOT_PASSED = frozenset({"matrix", "out", "resume", "database", "database_train", "database_test", "features_dir",
+                        "folds_file", "fold"})
+
+
+def matrix_settings(args: argparse.Namespace, explicit: frozenset[str]) -> Any:
+    """crossdb_train.py --matrix A,B,...: the matrix's settings, every stage's flags checked before any work."""
+    from kdoiqa.crossdb_matrix import MATRIX_DIR, MatrixSettings
+
+    names = [n.strip() for n in args.matrix.split(",") if n.strip()]
+    if len(names) < 2:
+        raise UserError(f"--matrix needs at least two databases separated by commas, got {args.matrix!r}")
+    if len(set(names)) != len(names):
+        raise UserError(f"--matrix names a database twice: {args.matrix!r}")
+    for flag in ("database_train", "database_test", "database", "folds_file", "features_dir"):
+        if flag in explicit:
+            raise UserError(f"--{flag.replace('_', '-')} does not go with --matrix (the matrix picks every pair "
+                            f"and keeps its features under --out)")
+    if args.fold not in (None, 0):
+        raise UserError(f"--fold {args.fold}: a cross-database run has a single split")
+    if args.resume:
+        raise UserError("--matrix always resumes what is done; drop --resume")
+    training_settings("crossdb_train", args, explicit)  # every stage's flags checked before any work
+    return MatrixSettings(databases=tuple(names), out=Path(args.out) if args.out else MATRIX_DIR,
+                          data_root=args.data_root, kd=args.kd, protocol=args.protocol, select=args.select,
+                          data=data_settings(args), runtime=inference_runtime(args))
+
+
+def matrix_steps(args: argparse.Namespace, explicit: frozenset[str]) -> tuple[Callable[..., str], Callable[..., Any]]:
+    """The matrix's training step (each pair's teacher and student, with the user's explicit flags) and the
+    `next:` hint after a pair's features."""
+    passed = {dest: getattr(args, dest) for dest in explicit - NOT_PASSED}
+
+    def train(script: str, pair: Any, run_dir: Path, label: str, features_dir: Path | None) -> str:
+        build, cross = TRAINERS[script]
+        extra = {"features_dir": str(features_dir)} if features_dir is not None else {}
+        argv = ["--database-train", pair.train_arg, "--database-test", pair.test_arg,
+                *to_argv(build(cross=cross), {**passed, **extra})]
+        return run_training(script, argv, run_dir, label)
+
+    def hint(pair: Any, features_dir: Path) -> Callable[[dict], str]:
+        return features_hint(pair.train_arg, args.data_root, str(features_dir), test=pair.test_arg)
+    return train, hint
 
 
 # ----------------------------------------------------------------------------------------------

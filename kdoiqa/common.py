@@ -5,7 +5,6 @@ OSError at write time becomes one line on stderr and exit code 2, never a traceb
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -28,10 +27,6 @@ class UserError(Exception):
     """A problem with the user's input or environment, reported as one line with exit code 2."""
 
 
-def _argparse_error(self: argparse.ArgumentParser, message: str) -> None:
-    raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
 # What Ctrl-C prints: the command that continues the interrupted work (the first one set: a run's, once its
 # folder exists, or that of a command that drives several runs, such as reproduce.py).
 INTERRUPT_HINT: list[str] = []
@@ -40,11 +35,10 @@ INTERRUPT_HINT: list[str] = []
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a script's `main`, turning user errors into one line on stderr and exit code 2.
 
-    argparse's own errors (a bad flag value, a missing argument) become that one line too,
-    instead of the usage block plus the message; so do errors raised in data-loading workers.
+    The project's parser (`kdoiqa.cli.Parser`) raises its errors (a bad flag value, a missing argument)
+    as a UserError, so they become that one line too, instead of the usage block plus the message; so do
+    errors raised in data-loading workers.
     """
-    parser_error = argparse.ArgumentParser.error
-    argparse.ArgumentParser.error = _argparse_error  # type: ignore[method-assign]
     INTERRUPT_HINT.clear()
     try:
         result = main()
@@ -59,8 +53,6 @@ def run_cli(main: Callable[[], Any]) -> None:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        argparse.ArgumentParser.error = parser_error  # type: ignore[method-assign]
     if isinstance(result, int):
         sys.exit(result)
 
@@ -271,7 +263,7 @@ def git_commit() -> str | None:
 
 
 def parse_size(text: str, *, name: str = "size") -> tuple[int, int]:
-    """Parse 'WxH' (or a single 'N' for a square) into (width, height)."""
+    """Parse 'WxH' (or a single 'N' for a square) into (width, height); ValueError when it is neither."""
     try:
         if "x" in text.lower():
             w, h = text.lower().split("x")
@@ -279,9 +271,9 @@ def parse_size(text: str, *, name: str = "size") -> tuple[int, int]:
         else:
             width = height = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must look like 1024x512 or 256, got {text!r}") from None
+        raise ValueError(f"{name} must look like 1024x512 or 256, got {text!r}") from None
     if width <= 0 or height <= 0:
-        raise argparse.ArgumentTypeError(f"{name} must be positive, got {text!r}")
+        raise ValueError(f"{name} must be positive, got {text!r}")
     return width, height
 
 

@@ -6,40 +6,57 @@ resuming finished work, written to <out>/matrix.csv (rows = trained on, columns 
 from __future__ import annotations
 
 import itertools
-import shlex
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from kdoiqa import cli, stages
-from kdoiqa.common import INTERRUPT_HINT, UserError, atomic_write_csv
+from kdoiqa import stages
+from kdoiqa.common import UserError, atomic_write_csv
 from kdoiqa.pairs import CrossPair, load_pair
 from kdoiqa.runs import SELECTION_NOTES
+from kdoiqa.settings import DataSettings, RuntimeSettings
 from kdoiqa.teacher_features import CROSS_FILE
 
 MATRIX_DIR = Path("runs") / "crossdb_matrix"
-# Flags of the matrix invocation that do not pass on to its stages (the matrix sets them per pair).
-NOT_PASSED = frozenset({"matrix", "out", "resume", "database", "database_train", "database_test", "features_dir",
-                        "folds_file", "fold"})
+
+# One training of the matrix in its folder, resumed or skipped when done: (script, pair, run folder, label,
+# the student's features folder or None) -> the state found (see kdoiqa.cli.run_training).
+TrainStep = Callable[[str, CrossPair, Path, str, "Path | None"], str]
+# The `next:` line after a pair's features (pair, features folder) -> a function of the teacher's record.
+FeaturesHint = Callable[[CrossPair, Path], Callable[[dict], str]]
 
 
-def _train_stage(name: str, script: str, pair: CrossPair, run_dir: Path, passed: dict[str, Any],
-                 extra: dict[str, Any]) -> None:
-    build, cross = stages.TRAINERS[script]
-    argv = ["--database-train", pair.train_arg, "--database-test", pair.test_arg,
-            *cli.to_argv(build(cross=cross), {**passed, **extra})]
-    stages.run_training(script, argv, run_dir, f"[{pair.key}] {name}")
+@dataclass(frozen=True)
+class MatrixSettings:
+    """The matrix: its databases (at least two), where it writes, and what the student and its features use."""
+
+    databases: tuple[str, ...]
+    out: Path
+    data_root: str | None
+    kd: str                     # the student's --kd
+    protocol: str
+    select: str | None          # None: the protocol's
+    data: DataSettings          # of the feature extraction
+    runtime: RuntimeSettings    # of the feature extraction
+
+    def __post_init__(self) -> None:
+        if len(self.databases) < 2:
+            raise UserError(f"the matrix needs at least two databases, got {', '.join(self.databases) or 'none'}")
+        if len(set(self.databases)) != len(self.databases):
+            raise UserError(f"the matrix names a database twice: {', '.join(self.databases)}")
 
 
-def _features_stage(pair: CrossPair, teacher_dir: Path, features_dir: Path, args: Any) -> None:
-    if stages.features_up_to_date(teacher_dir, features_dir, args.data_root, pair=(pair.train_arg, pair.test_arg)):
+def _features_stage(pair: CrossPair, teacher_dir: Path, features_dir: Path, matrix: MatrixSettings,
+                    hint: FeaturesHint | None) -> None:
+    if stages.features_up_to_date(teacher_dir, features_dir, matrix.data_root, pair=(pair.train_arg, pair.test_arg)):
         print(f"[{pair.key}] features: done, skipped ({features_dir / CROSS_FILE})", flush=True)
         return
     print(f"[{pair.key}] features: writing {features_dir / CROSS_FILE}", flush=True)
-    stages.save_crossdb_features(pair.train_arg, pair.test_arg, args.data_root, str(teacher_dir), str(features_dir),
-                                 data=cli.data_settings(args), runtime=cli.inference_runtime(args))
+    stages.save_crossdb_features(pair.train_arg, pair.test_arg, matrix.data_root, str(teacher_dir), str(features_dir),
+                                 data=matrix.data, runtime=matrix.runtime,
+                                 hint=hint(pair, features_dir) if hint is not None else None)
 
 
 def _result(run_dir: Path) -> dict:
@@ -48,46 +65,31 @@ def _result(run_dir: Path) -> dict:
     return {"srcc": float(row["srcc"]), "plcc": float(row["plcc"])}
 
 
-def run_matrix(args: Any, explicit: frozenset[str]) -> pd.DataFrame:
-    """Every ordered pair of `--matrix A,B,...`: teacher -> features -> student, then matrix.csv."""
-    names = [n.strip() for n in args.matrix.split(",") if n.strip()]
-    if len(names) < 2:
-        raise UserError(f"--matrix needs at least two databases separated by commas, got {args.matrix!r}")
-    if len(set(names)) != len(names):
-        raise UserError(f"--matrix names a database twice: {args.matrix!r}")
-    for flag in ("database_train", "database_test", "database", "folds_file", "features_dir"):
-        if flag in explicit:
-            raise UserError(f"--{flag.replace('_', '-')} does not go with --matrix (the matrix picks every pair "
-                            f"and keeps its features under --out)")
-    if args.fold not in (None, 0):
-        raise UserError(f"--fold {args.fold}: a cross-database run has a single split")
-    if args.resume:
-        raise UserError("--matrix always resumes what is done; drop --resume")
-    cli.training_settings("crossdb_train", args, explicit)  # every stage's flags checked before any work
-    INTERRUPT_HINT.insert(0, shlex.join(["python", "crossdb_train.py", *sys.argv[1:]]))
-    out = Path(args.out) if args.out else MATRIX_DIR
-    pairs = [load_pair(a, b, args.data_root) for a, b in itertools.permutations(names, 2)]
+def run_matrix(matrix: MatrixSettings, train: TrainStep, features_hint: FeaturesHint | None = None) -> pd.DataFrame:
+    """Every ordered pair of the databases: teacher -> features -> student (each training through `train`), then
+    matrix.csv."""
+    out = matrix.out
+    pairs = [load_pair(a, b, matrix.data_root) for a, b in itertools.permutations(matrix.databases, 2)]
     labels = {}
     for pair in pairs:
         labels.setdefault(pair.train_arg, pair.train.name)
     print(f"cross-database matrix of {', '.join(labels.values())}: {len(pairs)} ordered pairs in {out}", flush=True)
-    passed = {dest: getattr(args, dest) for dest in explicit - NOT_PASSED}
     rows = []
     for pair in pairs:
         pair_dir = out / pair.key
         record = {"train": pair.train.name, "test": pair.test.name, "sign_flipped": pair.flipped}
-        if args.kd != "none":
-            _train_stage("teacher", stages.CROSS_TEACHER, pair, pair_dir / "teacher", passed, {})
-            _features_stage(pair, pair_dir / "teacher", pair_dir / "features", args)
+        if matrix.kd != "none":
+            train(stages.CROSS_TEACHER, pair, pair_dir / "teacher", f"[{pair.key}] teacher", None)
+            _features_stage(pair, pair_dir / "teacher", pair_dir / "features", matrix, features_hint)
             record.update({f"teacher_{k}": v for k, v in _result(pair_dir / "teacher").items()})
-        _train_stage("student", "crossdb_train", pair, pair_dir / "student", passed,
-                     {"features_dir": str(pair_dir / "features")} if args.kd != "none" else {})
+        train("crossdb_train", pair, pair_dir / "student", f"[{pair.key}] student",
+              pair_dir / "features" if matrix.kd != "none" else None)
         record.update(_result(pair_dir / "student"))
         rows.append(record)
-    return write_matrix(out, pd.DataFrame(rows), list(labels.values()), args)
+    return write_matrix(out, pd.DataFrame(rows), list(labels.values()), matrix)
 
 
-def write_matrix(out: Path, long: pd.DataFrame, order: list[str], args: Any) -> pd.DataFrame:
+def write_matrix(out: Path, long: pd.DataFrame, order: list[str], settings: MatrixSettings) -> pd.DataFrame:
     metric_names = ["srcc", "plcc"] + (["teacher_srcc", "teacher_plcc"] if "teacher_srcc" in long else [])
     blocks = []
     for metric in metric_names:
@@ -97,8 +99,8 @@ def write_matrix(out: Path, long: pd.DataFrame, order: list[str], args: Any) -> 
     matrix = pd.concat(blocks, ignore_index=True)[["metric", "train", *order]]
     atomic_write_csv(out / "matrix.csv", matrix)
     atomic_write_csv(out / "pairs.csv", long)
-    select = args.select or ("test" if args.protocol == "paper" else "last")
-    print(f"\ncross-database matrix, student --kd {args.kd}, protocol {args.protocol} ({SELECTION_NOTES[select]}); "
+    select = settings.select or ("test" if settings.protocol == "paper" else "last")
+    print(f"\ncross-database matrix, student --kd {settings.kd}, protocol {settings.protocol} ({SELECTION_NOTES[select]}); "
           f"rows = trained on, columns = tested on")
     for metric in metric_names:
         block = matrix[matrix["metric"] == metric].drop(columns="metric").set_index("train")

@@ -4,18 +4,22 @@ cross-database matrix as well (scripts never import scripts).
     train_teacher(settings)          teacher_train.py / teacher_crossdb_train.py
     save_teacher_features(...)       feat_save.py / crossdb_feat.py (and --from-authors)
     train_student(settings)          mask_train.py / crossdb_train.py
-    run_training(script, argv, dir)  one of those trainings in a fixed folder: skipped when done, resumed
+
+A stage prints the `next:` hint the command-line layer gives it (`hint`, a function of what the stage made:
+the run, or the teacher run's record); without one it prints none.
 """
 from __future__ import annotations
 
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from kdoiqa import cli, engine
+from kdoiqa import engine
 from kdoiqa.accelerator import ACCELERATOR
 from kdoiqa.checkpoints import (
     RESUME,
@@ -38,7 +42,7 @@ from kdoiqa.distributed import DIST, resolve_device
 from kdoiqa.folds import AUTHORS_FILE, FoldSet, default_folds_path, load_folds, resolve_folds
 from kdoiqa.image_store import ImageStore
 from kdoiqa.methods import student_method, teacher_method
-from kdoiqa.models.backbone import prepare_model
+from models.backbone import prepare_model
 from kdoiqa.pairs import CrossPair, load_pair
 from kdoiqa.runs import Run, check_resumed_run, latest_finished_run, project_folders, read_run_record
 from kdoiqa.settings import PROTOCOLS, DataSettings, RuntimeSettings, TrainingSettings
@@ -64,9 +68,10 @@ def _pair(settings: TrainingSettings) -> CrossPair:
     return load_pair(settings.run.database_train, settings.run.database_test, settings.run.data_root)
 
 
-def _next(line: str) -> None:
-    if DIST.is_main:
-        print(f"next: {line}", flush=True)
+def _next(hint: Callable[[Any], str] | None, made: Any) -> None:
+    """The command-line layer's `next:` line after a stage, from what the stage made (rank 0 prints it)."""
+    if hint is not None and DIST.is_main:
+        print(f"next: {hint(made)}", flush=True)
 
 
 def _command(script: str, *words: object) -> str:
@@ -128,17 +133,18 @@ def _refuse_split_flags(folds: FoldSet, db: Database, settings: TrainingSettings
 # ----------------------------------------------------------------------------------------------
 # The teacher.
 
-def train_teacher(settings: TrainingSettings, explicit: frozenset[str] = frozenset()) -> Run:
+def train_teacher(settings: TrainingSettings, explicit: frozenset[str] = frozenset(), *,
+                  hint: Callable[[Run], str] | None = None) -> Run:
     """k-fold teacher on one database, or (cross-database settings) on all of A tested on all of B.
-    `explicit`: the flags given on the command line (one that cannot apply is refused)."""
+    `explicit`: the flags given on the command line (one that cannot apply is refused); `hint`: the `next:`
+    line, from the run."""
     if settings.script == CROSS_TEACHER:
         pair = _pair(settings)
         run = start_run(settings, pair.train, folds=pair.folds(), test_db=pair.test, run_key=pair.key)
         if DIST.is_main:
             print(pair.direction_note(), flush=True)
         train_folds(run, lambda fold, split: teacher_method(settings.model))
-        carried = cli.carried_flags(cli.teacher_parser(cross=True), settings.args, cli.CARRIED_TO_FEATURES)
-        _next(" ".join([crossdb_feat_command(pair.train_arg, pair.test_arg, run.run_dir), *map(shlex.quote, carried)]))
+        _next(hint, run)
         return run
     db = _load_database(settings.run.database, settings.run.data_root)
     run_cfg = settings.run
@@ -149,8 +155,7 @@ def train_teacher(settings: TrainingSettings, explicit: frozenset[str] = frozens
     check_resumed_run(settings, db, folds)
     run = start_run(settings, db, folds=folds)
     train_folds(run, lambda fold, split: teacher_method(settings.model))
-    carried = cli.carried_flags(cli.teacher_parser(), settings.args, cli.CARRIED_TO_FEATURES)
-    _next(" ".join([feat_save_command(settings.run.database, run.run_dir), *map(shlex.quote, carried)]))
+    _next(hint, run)
     return run
 
 
@@ -230,10 +235,11 @@ def _teacher_features(checkpoint: tuple[dict, Path], store: ImageStore, batch_si
 
 def save_teacher_features(database: str, data_root: str | None, run_dir: str | None, features_dir: str | None, *,
                           data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32,
-                          fold: int | None = None, explicit: frozenset[str] = frozenset()) -> list[Path]:
+                          fold: int | None = None, explicit: frozenset[str] = frozenset(),
+                          hint: Callable[[dict], str] | None = None) -> list[Path]:
     """feat_save.py: each fold's teacher features of every image of the database (every fold of the run, which must
     all have finished, or `fold`). `explicit`: the flags given on the command line (face flags must be the
-    teacher's; --erp-size cannot apply)."""
+    teacher's; --erp-size cannot apply); `hint`: the `next:` line, from the teacher run's record (its args.json)."""
     db = _load_database(database, data_root)
     key = database_key(db)
     run = Path(run_dir) if run_dir else find_teacher_run(
@@ -285,34 +291,12 @@ def save_teacher_features(database: str, data_root: str | None, run_dir: str | N
                                   "folds_path": str(folds_path.resolve())})
         print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]})", flush=True)
         written.append(out)
-    _next(student_command("mask_train.py", ["--database", database,
-                                            *(["--features-dir", features_dir] if features_dir else []),
-                                            *(["--fold", str(fold)] if fold is not None else [])],
-                          record, data_root))
+    _next(hint, record)
     return written
 
 
-def student_command(script: str, words: list[str], teacher: dict, data_root: str | None) -> str:
-    """The student's command after the features of the teacher run `teacher` (its args.json): `words`, then the
-    user's own flags of that run that the student takes too, at the teacher's scale (its epochs, an ERP size
-    four times its face size as the paper's 1024x512 to 256, distillation phases that fit those epochs)."""
-    args = dict(teacher.get("args") or {})
-    if data_root:
-        args["data_root"] = data_root
-    parser = cli.student_parser(cross=script == "crossdb_train.py")
-    words = [*words, *cli.carried_flags(parser, args, cli.CARRIED_TO_STUDENT)]
-    face = int((teacher.get("settings") or {}).get("data", {}).get("face_size") or 256)
-    if "--erp-size" not in words and face < 256:
-        words += ["--erp-size", f"{4 * face}x{2 * face}"]
-    epochs = int(args.get("epochs") or 100)
-    if epochs < 11:  # the default phases (5 + 5 epochs) would leave no mask phase: refused by mask_train.py
-        phase = (epochs - 1) // 3
-        words += ["--kd-warmup", str(phase), "--kd-feature-epochs", str(phase)]
-    return _command(script, *words)
-
-
 def save_authors_features(database: str, data_root: str | None, folder: str, features_dir: str | None, *,
-                          folds_file: str | None = None) -> list[Path]:
+                          folds_file: str | None = None, hint: Callable[[None], str] | None = None) -> list[Path]:
     """feat_save.py --from-authors: the authors' released features as our checked cache, on their folds
     (`folds/authors.json` of the database unless `folds_file`). Every file is read and checked before
     anything is written."""
@@ -337,16 +321,16 @@ def save_authors_features(database: str, data_root: str | None, folder: str, fea
                                   "folds_path": str(authors.resolve()), "protocol": "paper"})
         print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]}, the authors' fold {k + 1})", flush=True)
         written.append(out)
-    _next(_command("mask_train.py", "--database", database, *(["--data-root", data_root] if data_root else []),
-                   *(["--features-dir", features_dir] if features_dir else [])))
+    _next(hint, None)
     return written
 
 
 def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir: str | None, features_dir: str | None,
                           *, data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32,
-                          explicit: frozenset[str] = frozenset()) -> Path:
+                          explicit: frozenset[str] = frozenset(), hint: Callable[[dict], str] | None = None) -> Path:
     """crossdb_feat.py: the features of all of A from the cross-database teacher A -> B. `explicit`: the flags
-    given on the command line (face flags must be the teacher's)."""
+    given on the command line (face flags must be the teacher's); `hint`: the `next:` line, from the teacher run's
+    record."""
     pair = load_pair(train, test, data_root)
     run = Path(run_dir) if run_dir else find_teacher_run(
         CROSS_TEACHER, pair.key, f"{pair.train.name} -> {pair.test.name}",
@@ -375,31 +359,33 @@ def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir:
                   provenance={"kind": "teacher run", "teacher_run": str(run.resolve()), "teacher_checkpoint": ckpt,
                               "teacher_checkpoint_sha256": sha256_file(ckpt), "protocol": record.get("protocol")})
     print(f"wrote {out} ({feats.shape[0]} images of {pair.train.name} x {feats.shape[1]})", flush=True)
-    _next(student_command("crossdb_train.py", ["--database-train", train, "--database-test", test,
-                                               *(["--features-dir", features_dir] if features_dir else [])],
-                          record, data_root))
+    _next(hint, record)
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # The student.
 
-def train_student(settings: TrainingSettings, explicit: frozenset[str] = frozenset()) -> Run:
+def train_student(settings: TrainingSettings, explicit: frozenset[str] = frozenset(), *,
+                  hint: Callable[[Run], str] | None = None) -> Run:
     """The ERP student (--kd mask|feature|none) on one database, or on all of A tested on all of B.
-    `explicit`: the flags given on the command line (a split flag the teacher's split overrides is refused)."""
+    `explicit`: the flags given on the command line (a split flag the teacher's split overrides is refused);
+    `hint`: the `next:` line, from the run."""
     if settings.script == "crossdb_train":
-        return _train_cross_student(settings)
+        run = _train_cross_student(settings)
+        _next(hint, run)
+        return run
     distill, database = settings.distill, settings.run.database
     db = _load_database(database, settings.run.data_root)
     features_dir = Path(distill.features_dir) if distill.features_dir else default_features_dir(database_key(db))
-    hint = feat_save_command(database, features_dir=distill.features_dir)  # the latest teacher's features, there
+    rebuild = feat_save_command(database, features_dir=distill.features_dir)  # the latest teacher's features, there
     sources: dict[int, dict] = {}
     if distill.kd != "none":
         # The student uses the teacher's split: its feature of a test image comes from a teacher that never
         # trained on it. Any fold's file tells the split; an out-of-range --fold is refused by start_run.
         peek = settings.run.fold if settings.run.fold is not None and fold_feature_path(features_dir, settings.run.fold).is_file() else 0
-        _features_exist(fold_feature_path(features_dir, peek), features_dir, db, hint)
-        teacher = peek_features(fold_feature_path(features_dir, peek), hint)
+        _features_exist(fold_feature_path(features_dir, peek), features_dir, db, rebuild)
+        teacher = peek_features(fold_feature_path(features_dir, peek), rebuild)
         folds = load_folds(settings.run.folds_file or _folds_file(teacher["provenance"]["folds_path"], db), db)
         _refuse_split_flags(folds, db, settings, explicit, f"the split of the teacher features in {features_dir}",
                             "a distilled student trains on its teacher's split: drop the flag, or make features of "
@@ -416,15 +402,13 @@ def train_student(settings: TrainingSettings, explicit: frozenset[str] = frozens
     features = {}
     for k in ([] if distill.kd == "none" else run_folds):  # every fold's cache checked before any training starts
         features[k], sources[k] = load_teacher_features(fold_feature_path(features_dir, k), db, fold=k,
-                                                        test_images=folds.folds[k].test, rebuild_hint=hint)
+                                                        test_images=folds.folds[k].test, rebuild_hint=rebuild)
     run = start_run(settings, db, folds=folds)
     run.record["teacher_features"] = _teachers_of_run(run, sources, TEACHER, database_key(db)) \
         if distill.kd != "none" else None
     train_folds(run, lambda fold, split: student_method(settings.model, distill),
                 features_for_fold=features.get if features else None)
-    image = db.root / db.images[0]
-    _next(_command("predict.py", run.run_dir, image,
-                   *(["--device", settings.runtime.device] if settings.runtime.device else [])))
+    _next(hint, run)
     return run
 
 
@@ -567,35 +551,13 @@ def _train_cross_student(settings: TrainingSettings) -> Run:
 
 
 # ----------------------------------------------------------------------------------------------
-# A training in a fixed folder, resumable (reproduce.py, the cross-database matrix).
-
-TRAINERS = {"teacher_train": (cli.teacher_parser, False), "teacher_crossdb_train": (cli.teacher_parser, True),
-            "mask_train": (cli.student_parser, False), "crossdb_train": (cli.student_parser, True)}
-
+# A training in a fixed folder (reproduce.py, the cross-database matrix).
 
 def training_state(run_dir: Path) -> str:
     """'done' (results.csv: every fold finished), 'partial' (a run to resume) or 'new'."""
     if (run_dir / "results.csv").is_file():
         return "done"
     return "partial" if (run_dir / "args.json").is_file() else "new"
-
-
-def run_training(script: str, argv: list[str], run_dir: Path, label: str) -> str:
-    """Train `script` with `argv` in `run_dir` unless it is done there (with the same flags: a run of other
-    settings is refused, as --resume refuses it); resume it when it was interrupted. Returns the state found."""
-    build, cross = TRAINERS[script]
-    parser = build(cross=cross)
-    state = training_state(run_dir)
-    args, explicit = cli.parse(parser, [*argv, "--out", str(run_dir), *(["--resume"] if state != "new" else [])])
-    settings = cli.training_settings(script, args, explicit)  # with --resume: checked against the run's args.json
-    if state == "done":
-        if DIST.is_main:
-            print(f"{label}: done, skipped ({run_dir})", flush=True)
-        return state
-    if DIST.is_main:
-        print(f"{label}: {'resuming' if state == 'partial' else 'training'} in {run_dir}", flush=True)
-    (train_teacher if "teacher" in script else train_student)(settings, explicit)
-    return state
 
 
 def features_up_to_date(teacher_dir: Path, features_dir: Path, data_root: str | None, *, database: str | None = None,
