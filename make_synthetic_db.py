@@ -20,8 +20,8 @@ import os
 import shlex
 from pathlib import Path
 
-from kdoiqa.cli import non_negative, positive
-from kdoiqa.common import parse_size, run_cli
+from kdoiqa.cli import Parser, non_negative, positive, size_type
+from kdoiqa.common import run_cli
 from kdoiqa.synthetic import (
     DETAILS,
     MIN_WIDTH,
@@ -43,7 +43,7 @@ __all__ = ["NOISE_MAX", "ContentJob", "build_parser", "face_ssim", "main", "make
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="make_synthetic_db.py",
         description=__doc__,
         epilog=DETAILS,
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="database folder to write (created)")
     parser.add_argument("--contents", type=positive, default=8,
                         help="number of reference contents (with --sources: at most this many) [8]")
-    parser.add_argument("--size", type=lambda t: parse_size(t, name="--size"), default=(512, 256),
+    parser.add_argument("--size", type=size_type("--size"), default=(512, 256),
                         metavar="WxH", help=f"ERP size, width = 2 x height, width >= {MIN_WIDTH} [512x256]")
     parser.add_argument("--seed", type=non_negative, default=0, help="seed for contents and noise [0]")
     parser.add_argument("--name", default=None,

@@ -42,7 +42,7 @@ from kdoiqa.distributed import DIST, resolve_device
 from kdoiqa.folds import AUTHORS_FILE, FoldSet, default_folds_path, load_folds, resolve_folds
 from kdoiqa.image_store import ImageStore
 from kdoiqa.methods import student_method, teacher_method
-from models.backbone import prepare_model
+from kdoiqa.models.backbone import prepare_model
 from kdoiqa.pairs import CrossPair, load_pair
 from kdoiqa.runs import Run, check_resumed_run, latest_finished_run, project_folders, read_run_record
 from kdoiqa.settings import PROTOCOLS, DataSettings, RuntimeSettings, TrainingSettings

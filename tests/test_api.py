@@ -195,6 +195,55 @@ def test_scripts_import_the_library_and_nothing_imports_in_a_loop():
             assert "__main__" not in path.read_text(), path
 
 
+def test_the_library_takes_typed_values_and_patches_nothing_of_argparse():
+    """No module of kdoiqa/ but its command-line layer, kdoiqa/cli.py, imports argparse or kdoiqa.cli (lazy
+    imports inside functions too), and no file assigns to argparse.ArgumentParser.error (a patch for the whole
+    process)."""
+    command_line = REPO / "kdoiqa" / "cli.py"
+    files = [REPO / name for name in tracked() if name.endswith(".py") and (REPO / name).is_file()]
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for target in targets:
+                assert not ast.unparse(target).endswith("ArgumentParser.error"), f"{path}: patches argparse"
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "setattr" and node.args:
+                assert not ast.unparse(node.args[0]).endswith("ArgumentParser"), f"{path}: patches argparse"
+        if path.relative_to(REPO).parts[0] != "kdoiqa" or path == command_line:
+            continue
+        found = _imports(path)
+        for node in ast.walk(tree):  # relative imports: `from . import cli`, `from .cli import ...`
+            if isinstance(node, ast.ImportFrom) and node.level:
+                found |= {f"kdoiqa.{node.module or alias.name}" for alias in node.names}
+        assert not found & {"argparse", "kdoiqa.cli"}, f"{path} imports {found & {'argparse', 'kdoiqa.cli'}}"
+
+
+def test_parser_errors_are_one_line_and_argparse_is_left_alone(capsys):
+    import argparse
+
+    from kdoiqa import cli, common
+
+    seen = {}
+
+    def main() -> None:
+        seen["error"] = argparse.ArgumentParser.error
+        parser = cli.Parser(prog="x.py")
+        parser.add_argument("--size", type=cli.size_type("--size"))
+        parser.parse_args(["--size", "0x3"])
+
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(main)
+    assert exit_info.value.code == 2 and seen["error"] is argparse.ArgumentParser.error
+    assert capsys.readouterr().err == "error: x.py: argument --size: --size must be positive, got '0x3' (see x.py --help)\n"
+    with pytest.raises(SystemExit):
+        common.run_cli(lambda: cli.Parser(prog="x.py").parse_args(["--bogus"]))
+    assert capsys.readouterr().err == "error: x.py: unrecognized arguments: --bogus (see x.py --help)\n"
+    with pytest.raises(ValueError, match="must look like 1024x512"):  # the library's own parser: a ValueError
+        common.parse_size("wide")
+    assert common.parse_size("64x32") == (64, 32) and common.parse_size("7") == (7, 7)
+
+
 def test_pip_install_e_in_a_fresh_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
