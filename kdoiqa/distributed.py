@@ -30,29 +30,27 @@ HEARTBEAT_TIMEOUT_ENV = "KDOIQA_HEARTBEAT_TIMEOUT"
 HEARTBEAT_PERIOD = 2.0  # seconds between two signs of life of a process (a thread of its own)
 
 
-def collective_timeout() -> datetime.timedelta:
-    """How long one collective may take before the job ends (KDOIQA_COLLECTIVE_TIMEOUT seconds, default 1800)."""
-    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "1800")
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name` (`default` when unset)."""
+    raw = os.environ.get(name, str(default))
     try:
         seconds = float(raw)
         if not seconds > 0:
             raise ValueError
     except ValueError:
-        raise UserError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds") from None
-    return datetime.timedelta(seconds=seconds)
+        raise UserError(f"{name}={raw!r}: expected a positive number of seconds") from None
+    return seconds
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long one collective may take before the job ends (KDOIQA_COLLECTIVE_TIMEOUT seconds, default 1800)."""
+    return datetime.timedelta(seconds=_env_seconds(COLLECTIVE_TIMEOUT_ENV, 1800))
 
 
 def heartbeat_timeout() -> float:
     """Seconds without a sign of life after which a waiting process takes another as dead
     (KDOIQA_HEARTBEAT_TIMEOUT, default 300)."""
-    raw = os.environ.get(HEARTBEAT_TIMEOUT_ENV, "300")
-    try:
-        seconds = float(raw)
-        if not seconds > 0:
-            raise ValueError
-    except ValueError:
-        raise UserError(f"{HEARTBEAT_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds") from None
-    return seconds
+    return _env_seconds(HEARTBEAT_TIMEOUT_ENV, 300)
 
 
 def rank_gpu(device_arg: str | None, local_rank: int, local_world: int, gpu_count: int) -> int:

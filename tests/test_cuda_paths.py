@@ -270,3 +270,18 @@ def test_sigterm_to_every_torchrun_worker_during_a_slow_save_keeps_the_state(tin
         proc.communicate()
     assert (stopped_dir / "fold0" / "checkpoint.pt").read_bytes() == \
         (tmp_path / "straight" / "fold0" / "checkpoint.pt").read_bytes()
+
+
+def test_time_limits_from_the_environment_are_checked(monkeypatch):
+    from kdoiqa.common import UserError
+    from kdoiqa.distributed import collective_timeout, heartbeat_timeout
+
+    monkeypatch.delenv("KDOIQA_HEARTBEAT_TIMEOUT", raising=False)
+    monkeypatch.setenv("KDOIQA_COLLECTIVE_TIMEOUT", "90")
+    assert heartbeat_timeout() == 300 and collective_timeout().total_seconds() == 90
+    for name, read in (("KDOIQA_HEARTBEAT_TIMEOUT", heartbeat_timeout), ("KDOIQA_COLLECTIVE_TIMEOUT", collective_timeout)):
+        for bad in ("0", "-3", "soon"):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(UserError, match=f"^{name}='{bad}': expected a positive number of seconds$"):
+                read()
+        monkeypatch.delenv(name)
