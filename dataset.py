@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         path = prepare(args.database, args.root, args.score_file, score=args.score_kind,
                        with_references=args.with_references, check_files=not args.no_check_files)
         print(path)
-        print(f"next: python dataset.py folds --database {args.root}   (or --authors DIR for the paper's folds)")
+        print(f"next: python dataset.py folds --database {shlex.quote(str(args.root))}")
+        print("      (add --authors DIR, the folder of the authors' <DB>_trainc_k.csv files, for the paper's folds)")
     elif args.command == "folds":
         db = load_database(args.database, args.data_root, check_files=False)
         if args.authors is not None:

@@ -9,6 +9,8 @@ before training on it; the trio `teacher_crossdb_train.py`, `crossdb_feat.py`, `
 """
 from __future__ import annotations
 
+import shlex
+
 from kdoiqa.cli import Parser, cross_parser
 from kdoiqa.common import run_cli
 from kdoiqa.pairs import load_pair
@@ -17,8 +19,8 @@ from kdoiqa.pairs import load_pair
 def main(argv: list[str] | None = None) -> None:
     args = Parser(description=__doc__, parents=[cross_parser()]).parse_args(argv)
     print(load_pair(args.database_train, args.database_test, args.data_root, check_files=False).describe())
-    print(f"next: python teacher_crossdb_train.py --database-train {args.database_train} "
-          f"--database-test {args.database_test}")
+    print(f"next: python teacher_crossdb_train.py --database-train {shlex.quote(args.database_train)} "
+          f"--database-test {shlex.quote(args.database_test)}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ present (else it computes the same pixels on the fly).
 """
 from __future__ import annotations
 
+import shlex
+
 from kdoiqa.cli import Parser, database_parser, default_threads, erp_size_type, parse, positive
 from kdoiqa.common import UserError, run_cli
 from kdoiqa.databases import load_database
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{misplaced[0].replace('_', '-')} applies to the cube faces: add --faces")
         summary = resize_database(db, args.erp_size, args.threads, force=args.force, progress=args.progress)
         print(summary.line(f"{db.name} ERP {args.erp_size[0]}x{args.erp_size[1]}", db.erp_dir(args.erp_size)))
-        print(f"next: python mask_train.py --database {args.database} --erp-size {args.erp_size[0]}x{args.erp_size[1]}")
+        print(f"next: python mask_train.py --database {shlex.quote(args.database)} "
+              f"--erp-size {args.erp_size[0]}x{args.erp_size[1]}")
         return 0
     if "erp_size" in explicit:
         raise UserError("--erp-size applies to the resized ERP images, not to --faces")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                                batch_size=args.batch_size, force=args.force, progress=args.progress)
     print(summary.line(f"{db.name} cube faces {args.face_size}x{args.face_size}", db.faces_dir(args.face_size, quality)))
     protocol = " --protocol paper" if args.protocol == "paper" else ""
-    print(f"next: python teacher_train.py --database {args.database} --face-size {args.face_size}{protocol}")
+    print(f"next: python teacher_train.py --database {shlex.quote(args.database)} --face-size {args.face_size}{protocol}")
     return 0
 
 
