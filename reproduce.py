@@ -15,30 +15,26 @@ A second call skips what is done; an interrupted one resumes. Training flags (si
 """
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdoiqa import cli, paper_tables, stages
+from kdoiqa import cli, paper_tables, pipeline
 from kdoiqa.common import INTERRUPT_HINT, UserError, atomic_write_json, atomic_write_text, run_cli
 from kdoiqa.databases import database_key, load_database, resolve_database_root
 from kdoiqa.derived_files import extract_database, resize_database
 from kdoiqa.distributed import DIST
+from kdoiqa.pipeline import Stage
 from kdoiqa.settings import PROTOCOLS
 
 PAPER_DATABASES = ("CVIQ", "OIQA", "IQA-ODI")
-# Flags of the training scripts that reproduce.py passes on (its own: --databases, --protocols, --seeds, --out).
-OWN = frozenset({"databases", "protocols", "seeds", "out", "data_root", "cross", "seed"})
 
 
 def build_parser() -> cli.Parser:
-    passed = [cli.data_parser(), cli.model_parser(), cli.optim_parser(), cli.training_runtime_parser()]
-    parser = cli.Parser(description=__doc__, parents=passed)
+    parser = cli.Parser(description=__doc__, parents=[cli.flags_parser("data", "model", "optim", "runtime",
+                                                                        "training runtime")])
     g = parser.add_argument_group("reproduction")
     g.add_argument("--databases", default=None,
                    help="comma-separated (default: those of CVIQ, OIQA, IQA-ODI present under the data root)")
@@ -49,18 +45,9 @@ def build_parser() -> cli.Parser:
     g.add_argument("--out", default="reproduction", help="where the runs, features and tables go")
     g.add_argument("--no-cross", dest="cross", action="store_false", help="skip the cross-database pairs")
     g = parser.add_argument_group("distillation (passed on)")
-    g.add_argument("--kd-warmup", type=cli.non_negative, default=5, help="supervised-only epochs first")
-    g.add_argument("--kd-feature-epochs", type=cli.non_negative, default=5, help="feature imitation epochs before the mask")
-    g.add_argument("--folds", type=cli.positive, default=5, help="folds of each database's default split")
+    for name in ("kd_warmup", "kd_feature_epochs", "folds"):
+        cli.add_setting(g, name)
     return parser
-
-
-@dataclass
-class Stage:
-    kind: str                    # faces, erp, teacher, features, student, ... (for the time estimate)
-    label: str
-    run: Callable[[], str]       # returns "done" when it found its work done
-    ranks: str = "all"           # "all": every torchrun process takes part; "main": rank 0 alone
 
 
 @dataclass
@@ -106,18 +93,21 @@ def plan(args, explicit: frozenset[str]) -> Plan:
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
         raise UserError(f"--protocols takes paper and/or ours, got {args.protocols!r}")
-    passed = {dest: getattr(args, dest) for dest in explicit - OWN}
-    root = ["--data-root", args.data_root] if args.data_root else []
-    data = cli.data_settings(args)
+    # The user's flags pass on to every training stage that takes them; each stage sets its own database,
+    # protocol, seed and folder over them (cli.run_training).
+    passed = cli.given_values(args, explicit)
+    root = {"data_root": args.data_root} if args.data_root else {}
+    data, runtime = cli.data_settings(args), cli.inference_runtime(args)
     result = Plan()
 
-    def training(script: str, where: list[str], run_dir: Path, protocol: str, seed: int, label: str,
-                 extra: dict | None = None) -> Stage:
-        build, cross = cli.TRAINERS[script]
-        argv = [*where, *root, "--protocol", protocol, "--seed", str(seed),
-                *cli.to_argv(build(cross=cross), {**passed, **(extra or {})})]
-        kind = ("cross-" if cross else "") + ("teacher" if "teacher" in script else "student")
-        return Stage(kind, label, lambda: cli.run_training(script, argv, run_dir, label))
+    def training(script: str, given: dict, run_dir: Path, label: str) -> Stage:
+        return Stage(pipeline.stage_kind(script), label, lambda: cli.run_training(script, given, run_dir, label))
+
+    def features(experiment: pipeline.Experiment, label: str) -> Stage:
+        first = experiment.where.get("database_train", experiment.where.get("database"))
+        hint = cli.features_hint(first, args.data_root, str(experiment.features),
+                                 test=experiment.where.get("database_test"))
+        return pipeline.features_stage(experiment, label, args.data_root, data, runtime, hint)
 
     for protocol in protocols:
         quality = passed.get("face_jpeg_quality", PROTOCOLS[protocol]["face_jpeg_quality"])
@@ -129,33 +119,27 @@ def plan(args, explicit: frozenset[str]) -> Plan:
                                        run=lambda n=name: _erp(n, args, data)))
         for seed in range(args.seed, args.seed + args.seeds):
             base = out / protocol / f"seed{seed}"
+            given = {**passed, **root, "protocol": protocol, "seed": seed}
+            experiments = []
             for name in databases:
-                tag, where = f"[{protocol} seed {seed}] {label[name]}", ["--database", name]
-                teacher, feats = base / label[name] / "teacher", base / label[name] / "features"
-                result.stages.append(training("teacher_train", where, teacher, protocol, seed, f"{tag}: teacher"))
-                result.stages.append(Stage("features", f"{tag}: features", ranks="main",
-                                           run=lambda n=name, t=teacher, f=feats: _features(n, t, f, args, data)))
-                for kd in ("mask", "none"):
-                    run_dir = base / label[name] / f"student_{kd}"
-                    result.stages.append(training("mask_train", where, run_dir, protocol, seed, f"{tag}: student --kd {kd}",
-                                                  {"kd": kd, "features_dir": str(feats)}))
-                    within[(label[name], kd, seed)] = run_dir
-                within[(label[name], "teacher", seed)] = teacher
+                folder = base / label[name]
+                experiments.append(pipeline.Experiment(
+                    f"[{protocol} seed {seed}] {label[name]}", {"database": name}, folder / "teacher",
+                    folder / "features", {kd: folder / f"student_{kd}" for kd in ("mask", "none")}))
+                within.update({(label[name], kd, seed): run for kd, run in experiments[-1].students.items()})
+                within[(label[name], "teacher", seed)] = folder / "teacher"
             for a in databases if args.cross else []:
                 for b in (b for b in databases if b != a):
                     la, lb = label[a], label[b]
-                    pair_dir, tag = base / "cross" / f"{la}-to-{lb}", f"[{protocol} seed {seed}] {la} -> {lb}"
-                    where = ["--database-train", a, "--database-test", b]
-                    result.stages.append(training("teacher_crossdb_train", where, pair_dir / "teacher", protocol, seed,
-                                                  f"{tag}: teacher"))
-                    result.stages.append(Stage("cross-features", f"{tag}: features", ranks="main",
-                                               run=lambda a=a, b=b, d=pair_dir: _cross_features(a, b, d, args, data)))
-                    for kd in ("mask", "none"):
-                        result.stages.append(training("crossdb_train", where, pair_dir / f"student_{kd}", protocol, seed,
-                                                      f"{tag}: student --kd {kd}",
-                                                      {"kd": kd, "features_dir": str(pair_dir / "features")}))
-                        cross[(la, lb, kd, seed)] = pair_dir / f"student_{kd}"
-                    cross[(la, lb, "teacher", seed)] = pair_dir / "teacher"
+                    folder = base / "cross" / f"{la}-to-{lb}"
+                    experiments.append(pipeline.Experiment(
+                        f"[{protocol} seed {seed}] {la} -> {lb}", {"database_train": a, "database_test": b},
+                        folder / "teacher", folder / "features",
+                        {kd: folder / f"student_{kd}" for kd in ("mask", "none")}))
+                    cross.update({(la, lb, kd, seed): run for kd, run in experiments[-1].students.items()})
+                    cross[(la, lb, "teacher", seed)] = folder / "teacher"
+            for experiment in experiments:
+                result.stages += pipeline.experiment_stages(experiment, given, training, features)
     return result
 
 
@@ -170,61 +154,6 @@ def _erp(name: str, args, data) -> str:
     db = load_database(name, args.data_root)
     summary = resize_database(db, data.erp_size, cli.default_threads(), progress=args.progress)
     return "done" if not summary.written else "made"
-
-
-def _features(name: str, teacher: Path, features: Path, args, data) -> str:
-    if stages.features_up_to_date(teacher, features, args.data_root, database=name):
-        return "done"
-    stages.save_teacher_features(name, args.data_root, str(teacher), str(features), data=data,
-                                 runtime=cli.inference_runtime(args),
-                                 hint=cli.features_hint(name, args.data_root, str(features)))
-    return "made"
-
-
-def _cross_features(a: str, b: str, pair_dir: Path, args, data) -> str:
-    if stages.features_up_to_date(pair_dir / "teacher", pair_dir / "features", args.data_root, pair=(a, b)):
-        return "done"
-    stages.save_crossdb_features(a, b, args.data_root, str(pair_dir / "teacher"), str(pair_dir / "features"),
-                                 data=data, runtime=cli.inference_runtime(args),
-                                 hint=cli.features_hint(a, args.data_root, str(pair_dir / "features"), test=b))
-    return "made"
-
-
-def execute(work: Plan, out: Path) -> None:
-    """Run the stages in order, each announced with the time so far and an estimate of what is left."""
-    history_path = out / "stages.jsonl"
-    history = [json.loads(line) for line in history_path.read_text().splitlines()] if history_path.is_file() else []
-    started = time.perf_counter()
-    for i, stage in enumerate(work.stages, 1):
-        if DIST.is_main:
-            print(f"\n== [{i}/{len(work.stages)}] {stage.label} ({_minutes(time.perf_counter() - started)} so far"
-                  f"{_estimate(work.stages[i - 1:], history)})", flush=True)
-        t0 = time.perf_counter()
-        state = stage.run() if stage.ranks == "all" or DIST.is_main else "done"
-        if state == "done" and stage.ranks == "main" and DIST.is_main:
-            print(f"{stage.label}: done, skipped", flush=True)
-        DIST.barrier()
-        if state != "done" and DIST.is_main:
-            history.append({"kind": stage.kind, "label": stage.label, "seconds": time.perf_counter() - t0})
-            out.mkdir(parents=True, exist_ok=True)
-            with open(history_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(history[-1]) + "\n")
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min"
-
-
-def _estimate(remaining: list[Stage], history: list[dict]) -> str:
-    """About how long the stages left take, from the durations of the same kinds of stage so far."""
-    by_kind: dict[str, list[float]] = {}
-    for record in history:
-        by_kind.setdefault(record["kind"], []).append(record["seconds"])
-    known = [sum(by_kind[s.kind]) / len(by_kind[s.kind]) for s in remaining if s.kind in by_kind]
-    if not known:
-        return "; time left: estimated once a stage of each kind has run"
-    unknown = sum(s.kind not in by_kind for s in remaining)
-    return f"; about {_minutes(sum(known))} left" + (f" + {unknown} stage(s) of kinds not timed yet" if unknown else "")
 
 
 def write_tables(work: Plan, out: Path) -> None:
@@ -279,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         counts = {kind: sum(s.kind == kind for s in work.stages) for kind in dict.fromkeys(s.kind for s in work.stages)}
         print(f"reproduction in {out}: {len(work.stages)} stages ({', '.join(f'{n} {k}' for k, n in counts.items())})",
               flush=True)
-    execute(work, out)
+    pipeline.execute(work.stages, out)
     if DIST.is_main:
         write_tables(work, out)
 

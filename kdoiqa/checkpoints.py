@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from kdoiqa.common import UserError, atomic_torch_save, first_line, torch_load
+from kdoiqa.settings import in_checkpoint
 
 FORMAT_VERSION = 2
 CHECKPOINT = "checkpoint.pt"
@@ -108,9 +109,6 @@ def find_checkpoints(target: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 # A run folder's models: every fold's checkpoint, checked to be of that run, and the folds it lacks.
 
-# Settings a resumed run may change (cli.RESUME_FREE): where and how it ran, not what a fold trained.
-RUN_FREE_SETTINGS = {"data": ("cache", "workers"), "run": ("out", "resume", "save_every", "save_minutes", "data_root")}
-RUN_DEFINING_RUNTIME = ("amp", "tf32")
 
 
 def run_settings(settings: dict) -> dict[str, Any]:
@@ -121,10 +119,8 @@ def run_settings(settings: dict) -> dict[str, Any]:
             flat[group] = values
             continue
         for key, value in values.items():
-            free = RUN_FREE_SETTINGS.get(group, ())
-            if key in free or (group == "runtime" and key not in RUN_DEFINING_RUNTIME):
-                continue
-            flat[f"{group}.{key}"] = value
+            if in_checkpoint(group, key):  # not where and how it ran (settings.Flag.in_checkpoint)
+                flat[f"{group}.{key}"] = value
     return flat
 
 

@@ -1,25 +1,30 @@
-"""The command-line layer: one parent parser per flag group, and parsed flags -> typed settings.
+"""The command-line layer: the scripts' parsers, generated from the settings' declarations, and parsed
+flags -> typed settings.
 
-Every script builds its parser from these groups with `parents=[...]`, so a flag has one name,
-one meaning and one default everywhere. The paper's spellings (`--num_epochs`, `--batch_size`,
-`--database_train`, any `--foo_bar` for `--foo-bar`) are accepted. Only this module reads
-argparse Namespaces; library code takes the dataclasses of `settings.py`.
+Every training flag is a field of `settings.py` declared once (default, help, type, protocol values);
+the parsers here are made from those fields, so a flag has one name, one meaning and one default
+everywhere. A command line is parsed once: what the user gave is what argparse saw, the rest are the
+declared defaults (`Parsed.given`). The paper's spellings (`--num_epochs`, `--batch_size`,
+`--database_train`, any `--foo_bar` for `--foo-bar`) are accepted. Only this module reads argparse
+Namespaces; library code takes the dataclasses of `settings.py`.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kdoiqa.common import DEFAULT_SEED, UserError, jsonable, parse_size
+from kdoiqa.common import UserError, jsonable, parse_size
 from kdoiqa.settings import (
     PROTOCOLS,
-    SELECT_METRICS,
+    SCRIPT_DEFAULTS,
+    SETTINGS,
     DataSettings,
     DistillSettings,
     EvalSettings,
@@ -27,13 +32,25 @@ from kdoiqa.settings import (
     OptimSettings,
     RunSettings,
     RuntimeSettings,
+    Setting,
     TrainingSettings,
+    erp_size,
     from_args,
+    from_values,
     protocol_value,
+    resume_free,
 )
+from kdoiqa.settings import at_least as _at_least
+from kdoiqa.settings import minutes as _minutes
+from kdoiqa.settings import non_negative as _non_negative
+from kdoiqa.settings import positive as _positive
 
-DEFAULT_DATABASE = "OIQA"  # as the paper's scripts
+DEFAULT_DATABASE = SETTINGS["database"].command_default  # as the paper's scripts
 PAPER_SPELLINGS = {"--num_epochs": "--epochs", "--num-epochs": "--epochs", "--features": "--features-dir"}
+
+
+def _shown(action: argparse.Action) -> Any:
+    return getattr(action, "declared_default", action.default)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -41,29 +58,66 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        default = action.default
+        default = _shown(action)
         if "%(default)" in text or "(default" in text or default is argparse.SUPPRESS or default is None \
                 or isinstance(default, bool) or action.nargs == 0:
             return text
         if isinstance(default, tuple) and len(default) == 2:
             return f"{text} (default: {default[0]}x{default[1]})"
-        return f"{text} (default: %(default)s)"
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+class Parsed(argparse.Namespace):
+    """Parsed arguments; `given` names the destinations the command line gave (the others hold defaults)."""
+
+    given: frozenset[str] = frozenset()
 
 
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser that also takes the paper's spellings of our flags, and reports a bad command line as a
-    UserError (`run_cli` prints it as one line, exit code 2) instead of the usage block."""
+    """ArgumentParser that takes the paper's spellings of our flags, knows which flags a command line gave
+    without parsing it twice, and reports a bad command line as a UserError (`run_cli` prints it as one
+    line, exit code 2) instead of the usage block.
+
+    Each optional argument's default is kept aside (`declared_default`, shown by --help) and filled in
+    after parsing, so that what argparse set is exactly what the user gave."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        _declare_default(action)
+        return action
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> argparse._ArgumentGroup:
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+
+        def add_argument(*a: Any, **k: Any) -> argparse.Action:
+            action = add(*a, **k)
+            _declare_default(action)
+            return action
+        group.add_argument = add_argument  # type: ignore[method-assign]
+        return group
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):  # type: ignore[override]
         argv = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(self._normalise(argv), namespace)
+        parsed, rest = super().parse_known_args(self._normalise(argv), Parsed() if namespace is None else namespace)
+        given = frozenset(vars(parsed))
+        for action in self._actions:
+            if action.dest is argparse.SUPPRESS or hasattr(parsed, action.dest) or not hasattr(action, "declared_default"):
+                continue
+            default = action.declared_default
+            if isinstance(default, str) and action.type is not None:
+                default = self._get_value(action, default)
+            setattr(parsed, action.dest, default)
+        if isinstance(parsed, Parsed):
+            parsed.given = given | parsed.given if namespace is not None else given
+        return parsed, rest
 
     def _normalise(self, argv: list[str]) -> list[str]:
         known = set(self._option_string_actions)
@@ -80,266 +134,145 @@ class Parser(argparse.ArgumentParser):
         return out
 
 
+def _declare_default(action: argparse.Action) -> None:
+    """Keep an optional argument's default aside: argparse then sets only what the command line gives."""
+    if action.option_strings and action.default is not argparse.SUPPRESS and not hasattr(action, "declared_default"):
+        action.declared_default = action.default  # type: ignore[attr-defined]
+        action.default = argparse.SUPPRESS
+
+
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, frozenset[str]]:
-    """Parsed arguments and the destinations given explicitly on the command line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    saved = [(action, action.default) for action in parser._actions]
-    try:
-        for action, _ in saved:
-            action.default = argparse.SUPPRESS
-        given = parser.parse_args(argv)
-    finally:
-        for action, default in saved:
-            action.default = default
-    return args, frozenset(vars(given))
+    """Parsed arguments and the destinations given explicitly on the command line (one parse)."""
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return args, frozenset(getattr(args, "given", frozenset()))
+
+
+def _argparse_type(parse_word: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A settings parser as an argparse type: its ValueError becomes argparse's message."""
+    if parse_word in (int, float):
+        return parse_word
+
+    def convert(text: str) -> Any:
+        try:
+            return parse_word(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = getattr(parse_word, "__name__", "value")
+    return convert
 
 
 def size_type(name: str) -> Callable[[str], tuple[int, int]]:
     """An argparse type: `parse_size` for the flag `name`, its ValueError as argparse's message."""
-    def parse(text: str) -> tuple[int, int]:
-        try:
-            return parse_size(text, name=name)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-    return parse
+    return _argparse_type(functools.partial(parse_size, name=name))
 
 
-def erp_size_type(text: str) -> tuple[int, int]:
-    """WxH of an equirectangular image: twice as wide as high."""
-    width, height = size_type("--erp-size")(text)
-    if width != 2 * height:
-        raise argparse.ArgumentTypeError(f"--erp-size {text}: an equirectangular image is twice as wide as high "
-                                         f"(e.g. 1024x512), got {width}x{height}")
-    return width, height
+erp_size_type = _argparse_type(erp_size)
+positive = _argparse_type(_positive)
+non_negative = _argparse_type(_non_negative)
+minutes = _argparse_type(_minutes)
 
 
-def at_least(minimum: float, what: str, kind: type = int):
+def at_least(minimum: float, what: str, kind: type = int) -> Callable[[str], Any]:
     """An argparse type: a number of `kind` (int or float) of at least `minimum`."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value >= minimum:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-positive = at_least(1, "a positive integer")
-non_negative = at_least(0, "an integer >= 0")
-minutes = at_least(0.0, "a number of minutes >= 0", float)
-
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+    return _argparse_type(_at_least(minimum, what, kind))
 
 
 def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def by_protocol(name: str) -> str:
-    """Help-text tail for a flag whose default comes from --protocol."""
-    ours, paper = PROTOCOLS["ours"][name], PROTOCOLS["paper"][name]
-    show = lambda v: "lossless" if v is None and name == "face_jpeg_quality" else str(v)  # noqa: E731
-    return f"(default by --protocol: ours {show(ours)}, paper {show(paper)})"
+def _protocol_tail(setting: Setting) -> str:
+    """Help-text tail of a setting whose default comes from --protocol."""
+    flag = setting.flag
+    words = {value: word for word, value in (flag.words or {}).items()}
+
+    def show(value: Any) -> str:
+        if value is None and setting.name == "face_jpeg_quality":
+            return "lossless"
+        return str(words.get(value, value))
+    return f"(default by --protocol: ours {show(flag.protocol['ours'])}, paper {show(flag.protocol['paper'])})"
 
 
 # ----------------------------------------------------------------------------------------------
-# Flag groups.
+# Parsers generated from the settings.
 
-def database_parser() -> argparse.ArgumentParser:
+GROUP_TITLES = {"database": "database", "cross": "cross-database (the paper's --database_train / --database_test work too)",
+                "data": "data", "model": "model", "optim": "optimisation (the paper's values)", "eval": "evaluation",
+                "run": "run", "runtime": "runtime", "training runtime": "runtime (training)", "distill": "distillation"}
+
+
+def add_setting(group: Any, name: str, *, student: bool = False, script: str = "", hidden: bool = False,
+                default: Any = None) -> None:
+    """The flag of the setting `name` (settings.SETTINGS), as declared; a student script accepts the teacher's
+    own flags (a command line shared with the teacher works) but does not list them."""
+    setting = SETTINGS[name]
+    flag = setting.flag
+    if default is None:
+        default = SCRIPT_DEFAULTS.get(script, {}).get(name, setting.command_default)
+    text = flag.help if not flag.by_protocol or "(default" in flag.help else f"{flag.help} {_protocol_tail(setting)}"
+    kwargs: dict[str, Any] = {"dest": name, "default": default,
+                              "help": argparse.SUPPRESS if hidden or (student and flag.teacher_only) else text}
+    if isinstance(setting.default, bool) and flag.choices is None:
+        kwargs["action"] = "store_false" if setting.default else "store_true"
+    else:
+        if flag.parse is not None:
+            kwargs["type"] = _argparse_type(flag.parse)
+        if flag.choices is not None:
+            kwargs["choices"] = flag.choices
+        if flag.metavar is not None:
+            kwargs["metavar"] = flag.metavar
+    group.add_argument(setting.option, **kwargs)
+
+
+def settings_of(key: str) -> list[str]:
+    """The settings of the --help group `key`, in their declaration order."""
+    return [name for name, s in SETTINGS.items() if s.flag.group == key]
+
+
+def flags_parser(*keys: str, student: bool = False, script: str = "", title: str | None = None,
+                 names: Sequence[str] | None = None) -> Parser:
+    """A parent parser of the settings groups `keys` (or of the settings `names`, under `title`)."""
     p = Parser(add_help=False)
-    g = p.add_argument_group("database")
-    g.add_argument("--database", default=DEFAULT_DATABASE,
-                   help="registered name (CVIQ, OIQA, IQA-ODI, Synthetic) or a folder holding meta.csv")
-    g.add_argument("--data-root", default=None, help="folder of the registered databases (default ./data or $KDOIQA_DATA)")
+    if names is not None:
+        g = p.add_argument_group(title)
+        for name in names:
+            add_setting(g, name, student=student, script=script)
+        return p
+    for key in keys:
+        g = p.add_argument_group(title or GROUP_TITLES[key])
+        for name in settings_of(key):
+            add_setting(g, name, student=student, script=script)
     return p
 
 
-def cross_parser() -> argparse.ArgumentParser:
+def database_parser() -> Parser:
+    return flags_parser("database")
+
+
+def cross_parser() -> Parser:
     p = Parser(add_help=False)
-    g = p.add_argument_group("cross-database (the paper's --database_train / --database_test work too)")
-    g.add_argument("--database-train", default="CVIQ",
-                   help="database A, trained on in full: a registered name or a folder holding meta.csv")
-    g.add_argument("--database-test", default="OIQA",
-                   help="database B, tested on in full: a registered name or a folder holding meta.csv")
-    g.add_argument("--data-root", default=None, help="folder of the registered databases (default ./data or $KDOIQA_DATA)")
+    g = p.add_argument_group(GROUP_TITLES["cross"])
+    for name in (*settings_of("cross"), "data_root"):
+        add_setting(g, name)
     g.add_argument("--database", default=None, help=argparse.SUPPRESS)  # refused with a hint (check_cross_values)
     return p
 
 
-def check_cross_values(args: argparse.Namespace) -> None:
-    if getattr(args, "database", None):
+def check_cross_values(given: Mapping[str, Any] | argparse.Namespace) -> None:
+    values = vars(given) if isinstance(given, argparse.Namespace) else given
+    if values.get("database"):
         raise UserError("cross-database scripts take --database-train A --database-test B, not --database")
 
 
-def data_parser(*, student: bool = False) -> argparse.ArgumentParser:
-    """The data flags; for a student script the teacher-only ones are accepted (a command line shared with the
-    teacher works) but not listed in --help."""
-    p = Parser(add_help=False)
-    g = p.add_argument_group("data")
-    teacher_only = (lambda text: argparse.SUPPRESS) if student else (lambda text: text)
-    g.add_argument("--erp-size", type=erp_size_type, default=(1024, 512), metavar="WxH",
-                   help="student input: the ERP image resized to WxH, 2:1 (paper: 1024x512)")
-    g.add_argument("--face-size", type=positive, default=256,
-                   help=teacher_only("teacher input: cube-face side in pixels (paper: 256)"))
-    g.add_argument("--faces", choices=("auto", "disk", "online"), default="auto",
-                   help=teacher_only("teacher faces from faces_<size>/ PNGs (disk), projected from the ERP on the "
-                                     "training device (online), or disk when every face is there (auto)"))
-    g.add_argument("--face-jpeg-quality", type=positive, default=None, metavar="N",
-                   help=teacher_only(f"faces written as JPEG of quality N at native size before resizing, as the "
-                                     f"paper's MATLAB {by_protocol('face_jpeg_quality')}"))
-    g.add_argument("--cache", choices=("auto", "none", "cpu", "gpu"), default="auto",
-                   help="decode every image once and keep the uint8 pixels in memory (auto: gpu on CUDA when it "
-                        "fits, else cpu when it fits, else none = stream from disk)")
-    g.add_argument("--workers", type=non_negative, default=default_workers(),
-                   help="data-loading worker processes (0: load in the main process)")
-    return p
-
-
-def runtime_parser() -> argparse.ArgumentParser:
-    p = Parser(add_help=False)
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default=None,
-                   help=f"mixed precision; auto = bf16 on a GPU that computes it natively, else none (fp32); the "
-                        f"score head and projector stay fp32 {by_protocol('amp')}")
-    g.add_argument("--tf32", choices=("on", "off"), default=None,
-                   help="TF32 matmuls and convolutions on CUDA (default by --protocol: ours on, paper off)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (one line per epoch instead)")
-    return p
-
-
-def training_runtime_parser() -> argparse.ArgumentParser:
-    p = Parser(add_help=False, parents=[runtime_parser()])
-    g = p.add_argument_group("runtime (training)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms only (PyTorch refuses the others), no cuDNN autotuning, "
-                        "CUBLAS_WORKSPACE_CONFIG set; CPU runs are deterministic anyway")
-    g.add_argument("--parallel", choices=("folds", "batch"), default="folds",
-                   help="under torchrun: folds = each process trains whole folds r, r+N, ... (pays for the k-fold "
-                        "protocol at any batch size: the paper's batch of 6 split over GPUs would leave one or two "
-                        "images each); batch = DistributedDataParallel over each step's batch (pays for large "
-                        "databases trained with large batches, or a single split such as a cross-database run). A "
-                        "process waits for the others' work without a time limit; one collective may take at most "
-                        "KDOIQA_COLLECTIVE_TIMEOUT seconds (default 1800)")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="with --parallel batch: BatchNorm statistics over all processes (a process whose share of "
-                        "a short last batch is empty joins with a stand-in row of weight 0; that row does enter "
-                        "the statistics of that one step)")
-    return p
-
-
-def model_parser(*, student: bool = False) -> argparse.ArgumentParser:
-    p = Parser(add_help=False)
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), default="resnet18", help="backbone")
-    g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
-                   help="random initialisation (no ImageNet download)")
-    g.add_argument("--weights", default=None, metavar="PATH",
-                   help="ImageNet weights file for offline machines, torchvision's resnet18-f37072fd.pth (default: "
-                        "torchvision's download, unless --no-pretrained)")
-    g.add_argument("--normalize", choices=("imagenet", "none"), default=None,
-                   help=f"input normalisation; none = the paper's ToTensor() input {by_protocol('normalize')}")
-    g.add_argument("--head-init", choices=("mean", "default"), default=None,
-                   help=f"score head: bias at the mean training score, or PyTorch's default {by_protocol('head_init')}")
-    g.add_argument("--face-batchnorm", choices=("joint", "per-face"), default=None,
-                   help=argparse.SUPPRESS if student else
-                   f"teacher BatchNorm statistics in training: over all faces in one call, or per face position "
-                   f"(six backbone calls, the paper's) {by_protocol('face_batchnorm')}")
-    return p
-
-
-def optim_parser(*, epochs: int = 100) -> argparse.ArgumentParser:
-    p = Parser(add_help=False)
-    g = p.add_argument_group("optimisation (the paper's values)")
-    g.add_argument("--epochs", type=positive, default=epochs, help="epochs per fold")
-    g.add_argument("--batch-size", type=positive, default=6, help="images per optimiser step (over all processes)")
-    g.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="Adam weight decay")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="training seed (initialisation, batch order)")
-    g.add_argument("--seeding", choices=("per-fold", "once"), default=None,
-                   help=f"seed + fold before each fold (a fold's result does not depend on the others), or the seed "
-                        f"once before the first fold {by_protocol('seeding')}")
-    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
-                   help=f"cosine decay makes the reported last epoch a settled one {by_protocol('lr_schedule')}")
-    g.add_argument("--target-scale", choices=("raw", "range"), default="raw",
-                   help="regress the raw score (the paper) or the score mapped to [0,1] by the database's range")
-    return p
-
-
-def eval_parser() -> argparse.ArgumentParser:
-    p = Parser(add_help=False)
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--select", choices=("last", "val", "test"), default=None,
-                   help=f"the reported epoch: last (honest), best on a validation split held out of the training "
-                        f"contents, or best on the test fold (the paper's; optimistic) {by_protocol('select')}")
-    g.add_argument("--select-metric", choices=SELECT_METRICS, default=None,
-                   help="criterion of --select val/test (default by --protocol: ours srcc+plcc; paper the script's "
-                        "own rule: teacher srcc+plcc, student srcc, cross-database teacher abs-srcc+abs-plcc, "
-                        "cross-database student abs-srcc)")
-    g.add_argument("--val-fraction", type=float, default=0.15, help="share of training contents held out by --select val")
-    g.add_argument("--fit", choices=("logistic4", "logistic5", "paper", "none"), default=None,
-                   help="mapping fitted before PLCC/RMSE: logistic4 (the paper's 4-parameter logistic, with a line "
-                        "instead when it fails or turns into a step), logistic5, paper (the paper's fit_function "
-                        f"exactly: one curve_fit, used as it comes), none {by_protocol('fit')}")
-    g.add_argument("--eval-every", type=positive, default=1, help="evaluate every N epochs (the last epoch always)")
-    return p
-
-
-def run_parser() -> argparse.ArgumentParser:
-    p = Parser(add_help=False)
-    g = p.add_argument_group("run")
-    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="ours",
-                   help="preset of every setting that differs from the paper's code: ours (honest, stable) or "
-                        "paper (its exact behaviour); each setting is also its own flag, which wins")
-    g.add_argument("--out", default=None, help="run folder (default runs/<script>/<database key>/<time>[-<kd>][-paper])")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its args.json and each fold's last checkpoint")
-    g.add_argument("--save-minutes", type=minutes, default=5.0,
-                   help="write the resumable state (resume.pt: model and Adam, ~150 MB for ResNet-18) when this many "
-                        "minutes have passed since the last write, and on Ctrl-C or SIGTERM after the epoch in "
-                        "progress; 0 = after every epoch (default: 5)")
-    g.add_argument("--save-every", type=non_negative, default=0,
-                   help="also write it every N epochs (default 0: by time only)")
-    g.add_argument("--fold", type=int, default=None, help="train only this fold, 0-based (default: every fold)")
-    g.add_argument("--folds", type=positive, default=5,
-                   help="number of content-disjoint folds of the database's default split (given with --folds-file, "
-                        "or to a student that takes its teacher's split, it must be that split's)")
-    g.add_argument("--folds-file", default=None,
-                   help="fold JSON (default <db>/folds/k<folds>_seed<split-seed>.json, made once; "
-                        "`python dataset.py folds --authors DIR` imports the paper's folds)")
-    g.add_argument("--split-seed", type=int, default=DEFAULT_SEED,
-                   help="seed of the default split (a property of the database, not of the training seed)")
-    return p
-
-
-def distill_parser() -> argparse.ArgumentParser:
-    p = Parser(add_help=False)
-    g = p.add_argument_group("distillation")
-    g.add_argument("--kd", choices=("mask", "feature", "none"), default="mask",
-                   help="mask distillation (the paper), plain feature distillation, or none (the baseline)")
-    g.add_argument("--features-dir", default=None, help="teacher feature folder (default: features/<database key>, or features/<A>-to-<B>)")
-    g.add_argument("--kd-warmup", type=non_negative, default=5, help="supervised-only epochs first")
-    g.add_argument("--kd-feature-epochs", type=non_negative, default=5,
-                   help="epochs of plain feature imitation after the warm-up, before the mask phase")
-    g.add_argument("--kd-weight", type=float, default=0.2, help="weight of the imitation loss")
-    g.add_argument("--policy-lr-scale", type=float, default=0.5,
-                   help="policy-net learning rate = --lr x this (paper: 1e-4 = 2e-4 / 2)")
-    return p
-
-
-def training_parents(*, epochs: int = 100, cross: bool = False, distill: bool = False) -> list[argparse.ArgumentParser]:
-    """The parent parsers of a training script."""
-    parents = [cross_parser() if cross else database_parser(), data_parser(student=distill), model_parser(student=distill),
-               optim_parser(epochs=epochs), eval_parser(), run_parser(), training_runtime_parser()]
-    if distill:
-        parents.append(distill_parser())
-    return parents
+def training_parser(script: str, description: str | None = None) -> Parser:
+    """The parser of a training script (teacher_train, mask_train, and their cross-database versions)."""
+    cross, student = "crossdb" in script, script in ("mask_train", "crossdb_train")
+    parents = [cross_parser() if cross else database_parser(),
+               flags_parser("data", "model", "optim", "eval", "run", "runtime", "training runtime", student=student,
+                            script=script)]
+    if student:
+        parents.append(flags_parser("distill"))
+    return Parser(description=description, parents=parents)
 
 
 def inference_parents(*, batch_size: int = 32) -> list[argparse.ArgumentParser]:
@@ -349,33 +282,42 @@ def inference_parents(*, batch_size: int = 32) -> list[argparse.ArgumentParser]:
     g.add_argument("--batch-size", type=positive, default=batch_size, help="images per forward pass")
     g.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
                    help="default: the teacher run's protocol (fp32 features under paper, bf16 on CUDA under ours)")
-    return [data_parser(), runtime_parser(), p]
+    return [flags_parser("data"), flags_parser("runtime"), p]
 
 
 # ----------------------------------------------------------------------------------------------
-# Parsed flags -> settings.
+# Values -> settings: the declared defaults, the protocol layer, then what was given.
 
-# Flags a resumed run may change (they do not change what is trained).
-RESUME_FREE = frozenset({"device", "workers", "cache", "progress", "compile", "deterministic", "parallel", "resume",
-                         "out", "save_every", "save_minutes", "data_root"})
+SCRIPTS = ("teacher_train", "mask_train", "teacher_crossdb_train", "crossdb_train")
 
 
-def resolve_protocol(args: argparse.Namespace, script: str) -> argparse.Namespace:
-    """A copy of `args` with each protocol-dependent flag left unset filled in from --protocol."""
-    resolved = argparse.Namespace(**vars(args))
-    protocol = getattr(args, "protocol", None) or "ours"
+@functools.cache
+def _script_defaults(script: str) -> tuple[tuple[str, Any], ...]:
+    parser = training_parser(script)
+    return tuple((a.dest, _shown(a)) for a in parser._actions if a.option_strings and a.dest != "help")
+
+
+def script_defaults(script: str) -> dict[str, Any]:
+    """Every flag destination of a training script with its command-line default, in --help order."""
+    if script not in SCRIPTS:
+        raise ValueError(f"unknown training script {script!r}")
+    return dict(_script_defaults(script))
+
+
+def resolve_protocol(values: Mapping[str, Any], script: str) -> dict[str, Any]:
+    """A copy of `values` with each protocol-dependent setting left unset filled in from its protocol."""
+    resolved = dict(values)
+    protocol = resolved.get("protocol") or "ours"
     for name in PROTOCOLS[protocol]:
-        if hasattr(resolved, name) and getattr(resolved, name) is None:
-            setattr(resolved, name, protocol_value(protocol, name, script))
-    if hasattr(resolved, "tf32") and isinstance(resolved.tf32, str):
-        resolved.tf32 = resolved.tf32 == "on"
+        if name in resolved and resolved[name] is None:
+            resolved[name] = protocol_value(protocol, name, script)
     return resolved
 
 
-def resume_args(args: argparse.Namespace, explicit: frozenset[str], script: str) -> argparse.Namespace:
-    """`--resume --out DIR`: the run's own arguments from its args.json; flags given now must agree with
+def resume_values(values: dict[str, Any], given: Mapping[str, Any], script: str) -> dict[str, Any]:
+    """`--resume --out DIR`: the run's own values from its args.json; values given now must agree with
     them (all disagreements are reported at once), except those that do not change what is trained."""
-    run_dir = Path(args.out)
+    run_dir = Path(values["out"])
     path = run_dir / "args.json"
     if not path.is_file():
         from kdoiqa.runs import no_args_json  # a run folder's files (not needed to parse a command line)
@@ -392,24 +334,23 @@ def resume_args(args: argparse.Namespace, explicit: frozenset[str], script: str)
         raise UserError(f"{path}: a {record.get('script')} run, not a {script} run; resume it with "
                         f"{record.get('script')}.py")
     mismatches = []
-    for name in sorted(explicit - RESUME_FREE):
-        if name in saved and jsonable(getattr(args, name)) != saved[name]:
-            flag = NEGATED_FLAGS.get(name, f"--{name.replace('_', '-')}")
-            mismatches.append(f"{flag} was {_show(saved[name])}, now {_show(getattr(args, name))}")
+    for name in sorted(n for n in given if not resume_free(n)):
+        if name in saved and jsonable(given[name]) != saved[name]:
+            mismatches.append(f"{_spelled(name)} was {_show(saved[name])}, now {_show(given[name])}")
     if mismatches:
         raise UserError(f"{path}: this run was started with other settings: {'; '.join(mismatches)}; resume with "
                         f"`--resume --out {shlex.quote(str(run_dir))}` alone, or start a new --out")
-    merged = {**vars(args), **{k: v for k, v in saved.items() if k in vars(args)}}
-    for name in explicit & RESUME_FREE:
-        merged[name] = getattr(args, name)
+    merged = {**values, **{k: v for k, v in saved.items() if k in values}}
+    merged.update({name: value for name, value in given.items() if resume_free(name)})
     if isinstance(merged.get("erp_size"), list):
         merged["erp_size"] = tuple(merged["erp_size"])
-    return argparse.Namespace(**merged)
+    return merged
 
 
-# Flags stored as the setting they switch off (dest "pretrained" for --no-pretrained).
-NEGATED_FLAGS = {"pretrained": "--no-pretrained (pretrained)", "progress": "--no-progress (progress)",
-                 "cross": "--no-cross (cross)"}
+def _spelled(name: str) -> str:
+    """A setting in a message: its flag, and for a negated flag the setting it switches off."""
+    option = SETTINGS[name].option if name in SETTINGS else f"--{name.replace('_', '-')}"
+    return f"{option} ({name})" if option.startswith("--no-") else option
 
 
 def _show(value: Any) -> str:
@@ -420,7 +361,7 @@ def _show(value: Any) -> str:
 
 def flag_of(dest: str) -> str:
     """The command-line spelling of a destination (`face_size` -> --face-size, `pretrained` -> --no-pretrained)."""
-    return NEGATED_FLAGS.get(dest, f"--{dest.replace('_', '-')}").split(" ")[0]
+    return SETTINGS[dest].option if dest in SETTINGS else f"--{dest.replace('_', '-')}"
 
 
 def refuse_explicit(explicit: frozenset[str], names: Sequence[str], why: str) -> None:
@@ -430,45 +371,63 @@ def refuse_explicit(explicit: frozenset[str], names: Sequence[str], why: str) ->
         raise UserError(f"{', '.join(given)} cannot apply: {why}; drop {'it' if len(given) == 1 else 'them'}")
 
 
+def given_values(args: argparse.Namespace, explicit: frozenset[str]) -> dict[str, Any]:
+    """The values a command line gave (the destinations in `explicit`)."""
+    return {name: getattr(args, name) for name in explicit if hasattr(args, name)}
+
+
 def training_settings(script: str, args: argparse.Namespace, explicit: frozenset[str] = frozenset()) -> TrainingSettings:
-    """Validate the parsed flags of a training script and group them into typed settings."""
-    if getattr(args, "resume", False):
-        if not args.out:
+    """The typed settings of a parsed training command line (see `settings_for`); flags of the script's own
+    (crossdb_train.py --matrix) are not settings."""
+    takes = script_defaults(script)
+    return settings_for(script, {k: v for k, v in given_values(args, explicit).items() if k in takes})
+
+
+def settings_for(script: str, given: Mapping[str, Any]) -> TrainingSettings:
+    """Validate and group into typed settings the values of a training script: its declared defaults, the
+    protocol's preset over them, and `given` (the user's, or an orchestrator's) over both. With `resume`,
+    the run's own values from its args.json, checked against those given."""
+    defaults = script_defaults(script)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"{script} takes no {', '.join(unknown)}")
+    values = {**defaults, **given}
+    if values.get("resume"):
+        if not values.get("out"):
             raise UserError("--resume needs --out RUN_FOLDER (the run to continue)")
-        args = resume_args(args, explicit, script)
-    raw = jsonable(vars(args))
-    resolved = resolve_protocol(args, script)
+        values = resume_values(values, given, script)
+    raw = jsonable(values)
+    resolved = resolve_protocol(values, script)
     check_training_values(resolved)
-    distill = from_args(DistillSettings, resolved) if hasattr(resolved, "kd") else None
     settings = TrainingSettings(
-        script=script, protocol=resolved.protocol,
-        data=from_args(DataSettings, resolved, erp_size=tuple(resolved.erp_size)),
-        runtime=from_args(RuntimeSettings, resolved),
-        model=from_args(ModelSettings, resolved),
-        optim=from_args(OptimSettings, resolved),
-        eval=from_args(EvalSettings, resolved),
-        run=from_args(RunSettings, resolved),
-        distill=distill, args=raw)
+        script=script, protocol=resolved["protocol"],
+        data=from_values(DataSettings, {**resolved, "erp_size": tuple(resolved["erp_size"])}),
+        runtime=from_values(RuntimeSettings, resolved),
+        model=from_values(ModelSettings, resolved),
+        optim=from_values(OptimSettings, resolved),
+        eval=from_values(EvalSettings, resolved),
+        run=from_values(RunSettings, resolved),
+        distill=from_values(DistillSettings, resolved) if "kd" in resolved else None, args=raw)
     check_distill_values(settings)
     return settings
 
 
-def check_training_values(args: argparse.Namespace) -> None:
-    """Validate flag values that argparse cannot check (one-line errors)."""
-    if hasattr(args, "database_test"):  # a cross-database script: one split, all of A -> all of B
-        check_cross_values(args)
-        if args.folds_file:
+def check_training_values(values: Mapping[str, Any]) -> None:
+    """Validate values that argparse cannot check (one-line errors)."""
+    if "database_test" in values:  # a cross-database script: one split, all of A -> all of B
+        check_cross_values(values)
+        if values["folds_file"]:
             raise UserError("--folds-file does not apply: a cross-database run trains on all of A and tests on all of B")
-        if args.fold not in (None, 0):
-            raise UserError(f"--fold {args.fold}: a cross-database run has a single split (fold 0)")
-    if not 0 < args.val_fraction < 1:
-        raise UserError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    if args.weights and not Path(args.weights).is_file():
-        raise UserError(f"{args.weights}: --weights file not found")
-    if args.folds < 2 and not args.folds_file:
-        raise UserError(f"--folds must be at least 2, got {args.folds}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
+        if values["fold"] not in (None, 0):
+            raise UserError(f"--fold {values['fold']}: a cross-database run has a single split (fold 0)")
+    if not 0 < values["val_fraction"] < 1:
+        raise UserError(f"--val-fraction must be between 0 and 1, got {values['val_fraction']}")
+    if values["weights"] and not Path(values["weights"]).is_file():
+        raise UserError(f"{values['weights']}: --weights file not found")
+    if values["folds"] < 2 and not values["folds_file"]:
+        raise UserError(f"--folds must be at least 2, got {values['folds']}")
+    if values["lr"] <= 0:
+        raise UserError(f"--lr must be positive, got {values['lr']}")
 
 
 def data_settings(args: argparse.Namespace, **overrides: Any) -> DataSettings:
@@ -478,11 +437,10 @@ def data_settings(args: argparse.Namespace, **overrides: Any) -> DataSettings:
 def inference_runtime(args: argparse.Namespace) -> RuntimeSettings:
     """The runtime of a feature script: --amp, --tf32 left unset (None) follow the protocol (--protocol, or
     the teacher run's own), resolved where the teacher run is known."""
-    protocol = getattr(args, "protocol", None)
-    if protocol is not None:
-        args = resolve_protocol(args, "")
-    tf32 = {"on": True, "off": False}.get(args.tf32, args.tf32)
-    return from_args(RuntimeSettings, args, tf32=tf32)
+    values = vars(args)
+    if values.get("protocol") is not None:
+        values = resolve_protocol(values, "")
+    return from_values(RuntimeSettings, values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,13 +448,12 @@ def inference_runtime(args: argparse.Namespace) -> RuntimeSettings:
 
 def teacher_parser(description: str | None = None, *, cross: bool = False) -> Parser:
     """teacher_train.py (cross: teacher_crossdb_train.py, 50 epochs as the paper)."""
-    return Parser(description=description, parents=training_parents(epochs=50 if cross else 100, cross=cross))
+    return training_parser("teacher_crossdb_train" if cross else "teacher_train", description)
 
 
 def student_parser(description: str | None = None, *, cross: bool = False) -> Parser:
     """mask_train.py (cross: crossdb_train.py, 50 epochs as the paper)."""
-    return Parser(description=description, parents=training_parents(epochs=50 if cross else 100, cross=cross,
-                                                                       distill=True))
+    return training_parser("crossdb_train" if cross else "mask_train", description)
 
 
 def features_parser(description: str | None = None, *, cross: bool = False) -> Parser:
@@ -518,41 +475,36 @@ def features_parser(description: str | None = None, *, cross: bool = False) -> P
     return parser
 
 
-def to_argv(parser: argparse.ArgumentParser, values: dict[str, Any]) -> list[str]:
-    """The command-line tokens that give `parser` the destinations `values` (those it knows)."""
-    by_dest = {a.dest: a for a in parser._actions if a.option_strings}
+def to_argv(parser: argparse.ArgumentParser, values: Mapping[str, Any]) -> list[str]:
+    """The command-line tokens that give `parser` the destinations `values` (those it knows), in the order of
+    its flags: a command to print (a `next:` hint, the demo's steps), never one to parse again."""
     argv: list[str] = []
-    for dest, value in values.items():
-        action = by_dest.get(dest)
-        if action is None:
+    for action in parser._actions:
+        if not action.option_strings or action.dest not in values:
             continue
+        value = values[action.dest]
         flag = max(action.option_strings, key=lambda s: (s.startswith("--"), "-" in s[2:], len(s)))
         if action.nargs == 0:  # store_true / store_false
-            if value != action.default:
+            if value != _shown(action):
                 argv.append(flag)
         elif value is not None:
-            if isinstance(value, (list, tuple)) and dest == "erp_size":
+            if isinstance(value, (list, tuple)) and action.dest == "erp_size":
                 value = f"{value[0]}x{value[1]}"
             argv += [flag, str(value)]
     return argv
 
 
-# The flags a "next:" hint carries over from the command before (where the next script takes them).
-CARRIED_TO_FEATURES = ("data_root", "device", "workers")
-CARRIED_TO_STUDENT = ("data_root", "device", "workers", "cache", "arch", "pretrained", "weights", "normalize",
-                      "erp_size", "protocol", "amp", "epochs", "batch_size", "seed")
-
-
-def carried_flags(parser: argparse.ArgumentParser, values: dict[str, Any], names: Sequence[str]) -> list[str]:
-    """The tokens that give `parser` those of `values` (the parsed flags of an earlier command) named in
-    `names` that differ from its defaults: what a "next:" hint repeats of the user's own command line."""
-    defaults = {a.dest: a.default for a in parser._actions}
+def carried_flags(parser: argparse.ArgumentParser, values: Mapping[str, Any], step: str) -> list[str]:
+    """The tokens that give `parser` those of `values` (the parsed flags of an earlier command) that the
+    `next:` hint of `step` (features, student) carries over (settings.Flag.carried) and that differ from
+    its defaults: what the hint repeats of the user's own command line."""
+    defaults = {a.dest: _shown(a) for a in parser._actions}
 
     def plain(value: Any) -> Any:
         return tuple(value) if isinstance(value, list) else value
 
-    chosen = {name: values[name] for name in names
-              if name in values and name in defaults and values[name] is not None
+    chosen = {name: values[name] for name, s in SETTINGS.items() if step in s.flag.carried
+              and name in values and name in defaults and values[name] is not None
               and plain(values[name]) != plain(defaults[name])}
     return to_argv(parser, chosen)
 
@@ -585,7 +537,7 @@ def teacher_hint(settings: TrainingSettings) -> Callable[[Any], str]:
     from kdoiqa.teacher_features import crossdb_feat_command, feat_save_command
 
     cross = settings.script == "teacher_crossdb_train"
-    carried = carried_flags(teacher_parser(cross=cross), settings.args, CARRIED_TO_FEATURES)
+    carried = carried_flags(features_parser(cross=cross), settings.args, "features")
 
     def hint(run: Any) -> str:
         line = (crossdb_feat_command(settings.run.database_train, settings.run.database_test, run.run_dir) if cross
@@ -628,7 +580,7 @@ def student_command(script: str, words: list[str], teacher: dict, data_root: str
     if data_root:
         args["data_root"] = data_root
     parser = student_parser(cross=script == "crossdb_train.py")
-    words = [*words, *carried_flags(parser, args, CARRIED_TO_STUDENT)]
+    words = [*words, *carried_flags(parser, args, "student")]
     face = int((teacher.get("settings") or {}).get("data", {}).get("face_size") or 256)
     if "--erp-size" not in words and face < 256:
         words += ["--erp-size", f"{4 * face}x{2 * face}"]
@@ -642,21 +594,18 @@ def student_command(script: str, words: list[str], teacher: dict, data_root: str
 # ----------------------------------------------------------------------------------------------
 # A training in a fixed folder, resumable (reproduce.py, the cross-database matrix).
 
-TRAINERS = {"teacher_train": (teacher_parser, False), "teacher_crossdb_train": (teacher_parser, True),
-            "mask_train": (student_parser, False), "crossdb_train": (student_parser, True)}
-
-
-def run_training(script: str, argv: list[str], run_dir: Path, label: str) -> str:
-    """Train `script` with `argv` in `run_dir` unless it is done there (with the same flags: a run of other
-    settings is refused, as --resume refuses it); resume it when it was interrupted. Returns the state found."""
+def run_training(script: str, given: Mapping[str, Any], run_dir: Path, label: str) -> str:
+    """Train `script` with the values `given` in `run_dir` unless it is done there (with the same values: a run
+    of other settings is refused, as --resume refuses it); resume it when it was interrupted. Returns the
+    state found. `given` may hold values of other scripts too (an orchestrator's): those this one takes pass."""
     from kdoiqa import stages
     from kdoiqa.distributed import DIST
 
-    build, cross = TRAINERS[script]
-    parser = build(cross=cross)
     state = stages.training_state(run_dir)
-    args, explicit = parse(parser, [*argv, "--out", str(run_dir), *(["--resume"] if state != "new" else [])])
-    settings = training_settings(script, args, explicit)  # with --resume: checked against the run's args.json
+    takes = script_defaults(script)
+    given = {**{k: v for k, v in given.items() if k in takes}, "out": str(run_dir),
+             **({"resume": True} if state != "new" else {})}
+    settings = settings_for(script, given)  # with resume: checked against the run's args.json
     if state == "done":
         if DIST.is_main:
             print(f"{label}: done, skipped ({run_dir})", flush=True)
@@ -664,15 +613,10 @@ def run_training(script: str, argv: list[str], run_dir: Path, label: str) -> str
     if DIST.is_main:
         print(f"{label}: {'resuming' if state == 'partial' else 'training'} in {run_dir}", flush=True)
     if "teacher" in script:
-        stages.train_teacher(settings, explicit, hint=teacher_hint(settings))
+        stages.train_teacher(settings, frozenset(given), hint=teacher_hint(settings))
     else:
-        stages.train_student(settings, explicit, hint=student_hint(settings))
+        stages.train_student(settings, frozenset(given), hint=student_hint(settings))
     return state
-
-
-# Flags of the matrix invocation that do not pass on to its stages (the matrix sets them per pair).
-NOT_PASSED = frozenset({"matrix", "out", "resume", "database", "database_train", "database_test", "features_dir",
-                        "folds_file", "fold"})
 
 
 def matrix_settings(args: argparse.Namespace, explicit: frozenset[str]) -> Any:
@@ -699,16 +643,14 @@ def matrix_settings(args: argparse.Namespace, explicit: frozenset[str]) -> Any:
 
 
 def matrix_steps(args: argparse.Namespace, explicit: frozenset[str]) -> tuple[Callable[..., str], Callable[..., Any]]:
-    """The matrix's training step (each pair's teacher and student, with the user's explicit flags) and the
-    `next:` hint after a pair's features."""
-    passed = {dest: getattr(args, dest) for dest in explicit - NOT_PASSED}
+    """The matrix's training step (each pair's teacher and student, with the user's explicit flags; the matrix
+    sets each pair's databases, folder and features) and the `next:` hint after a pair's features."""
+    passed = {name: value for name, value in given_values(args, explicit).items() if name not in ("fold", "out")}
 
     def train(script: str, pair: Any, run_dir: Path, label: str, features_dir: Path | None) -> str:
-        build, cross = TRAINERS[script]
-        extra = {"features_dir": str(features_dir)} if features_dir is not None else {}
-        argv = ["--database-train", pair.train_arg, "--database-test", pair.test_arg,
-                *to_argv(build(cross=cross), {**passed, **extra})]
-        return run_training(script, argv, run_dir, label)
+        per_pair = {"database_train": pair.train_arg, "database_test": pair.test_arg,
+                    **({"features_dir": str(features_dir)} if features_dir is not None else {})}
+        return run_training(script, {**passed, **per_pair}, run_dir, label)
 
     def hint(pair: Any, features_dir: Path) -> Callable[[dict], str]:
         return features_hint(pair.train_arg, args.data_root, str(features_dir), test=pair.test_arg)

@@ -33,7 +33,7 @@ from kdoiqa.image_store import ImageStore
 from kdoiqa.methods import Method, TargetScale
 from kdoiqa.models.backbone import prepare_model
 from kdoiqa.runs import FoldResult, Run, check_run_dir, finish_run, labels, run_name, run_record, write_fold_outputs
-from kdoiqa.settings import TrainingSettings, protocol_note
+from kdoiqa.settings import TrainingSettings, in_checkpoint, protocol_note
 
 # ----------------------------------------------------------------------------------------------
 # A run.
@@ -440,9 +440,8 @@ def report_fold(run: Run, k: int, state: FoldState, test_store: ImageStore) -> F
 def _checkpoint_settings(settings: TrainingSettings) -> dict:
     """The settings a checkpoint keeps: what defines the model and its training, not where it ran."""
     record = settings.to_json()
-    record["runtime"] = {key: record["runtime"][key] for key in ("amp", "tf32")}
-    for key in ("out", "resume", "save_every", "save_minutes", "data_root"):
-        record["run"].pop(key)
+    for group in ("data", "runtime", "run"):
+        record[group] = {key: value for key, value in record[group].items() if in_checkpoint(group, key)}
     return record
 
 
