@@ -642,19 +642,21 @@ def matrix_settings(args: argparse.Namespace, explicit: frozenset[str]) -> Any:
                           data=data_settings(args), runtime=inference_runtime(args))
 
 
-def matrix_steps(args: argparse.Namespace, explicit: frozenset[str]) -> tuple[Callable[..., str], Callable[..., Any]]:
-    """The matrix's training step (each pair's teacher and student, with the user's explicit flags; the matrix
-    sets each pair's databases, folder and features) and the `next:` hint after a pair's features."""
+def matrix_steps(args: argparse.Namespace, explicit: frozenset[str]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The matrix's training stage (each pair's teacher and student, with the user's explicit flags; the
+    matrix sets each pair's databases, folder and features over them) and the `next:` hint after a pair's
+    features."""
+    from kdoiqa import pipeline
+
     passed = {name: value for name, value in given_values(args, explicit).items() if name not in ("fold", "out")}
 
-    def train(script: str, pair: Any, run_dir: Path, label: str, features_dir: Path | None) -> str:
-        per_pair = {"database_train": pair.train_arg, "database_test": pair.test_arg,
-                    **({"features_dir": str(features_dir)} if features_dir is not None else {})}
-        return run_training(script, {**passed, **per_pair}, run_dir, label)
+    def training(script: str, given: dict, run_dir: Path, label: str) -> pipeline.Stage:
+        values = {**passed, **given}
+        return pipeline.Stage(pipeline.stage_kind(script), label, lambda: run_training(script, values, run_dir, label))
 
     def hint(pair: Any, features_dir: Path) -> Callable[[dict], str]:
         return features_hint(pair.train_arg, args.data_root, str(features_dir), test=pair.test_arg)
-    return train, hint
+    return training, hint
 
 
 # ----------------------------------------------------------------------------------------------

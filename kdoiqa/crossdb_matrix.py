@@ -12,18 +12,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdoiqa import stages
+from kdoiqa import pipeline
 from kdoiqa.common import UserError, atomic_write_csv
 from kdoiqa.pairs import CrossPair, load_pair
+from kdoiqa.pipeline import TrainingStage
 from kdoiqa.runs import SELECTION_NOTES
 from kdoiqa.settings import DataSettings, RuntimeSettings
-from kdoiqa.teacher_features import CROSS_FILE
 
 MATRIX_DIR = Path("runs") / "crossdb_matrix"
 
-# One training of the matrix in its folder, resumed or skipped when done: (script, pair, run folder, label,
-# the student's features folder or None) -> the state found (see kdoiqa.cli.run_training).
-TrainStep = Callable[[str, CrossPair, Path, str, "Path | None"], str]
 # The `next:` line after a pair's features (pair, features folder) -> a function of the teacher's record.
 FeaturesHint = Callable[[CrossPair, Path], Callable[[dict], str]]
 
@@ -48,43 +45,46 @@ class MatrixSettings:
             raise UserError(f"the matrix names a database twice: {', '.join(self.databases)}")
 
 
-def _features_stage(pair: CrossPair, teacher_dir: Path, features_dir: Path, matrix: MatrixSettings,
-                    hint: FeaturesHint | None) -> None:
-    if stages.features_up_to_date(teacher_dir, features_dir, matrix.data_root, pair=(pair.train_arg, pair.test_arg)):
-        print(f"[{pair.key}] features: done, skipped ({features_dir / CROSS_FILE})", flush=True)
-        return
-    print(f"[{pair.key}] features: writing {features_dir / CROSS_FILE}", flush=True)
-    stages.save_crossdb_features(pair.train_arg, pair.test_arg, matrix.data_root, str(teacher_dir), str(features_dir),
-                                 data=matrix.data, runtime=matrix.runtime,
-                                 hint=hint(pair, features_dir) if hint is not None else None)
-
-
 def _result(run_dir: Path) -> dict:
     table = pd.read_csv(run_dir / "results.csv", dtype={"fold": str})
     row = table[table["fold"] == "0"].iloc[0]
     return {"srcc": float(row["srcc"]), "plcc": float(row["plcc"])}
 
 
-def run_matrix(matrix: MatrixSettings, train: TrainStep, features_hint: FeaturesHint | None = None) -> pd.DataFrame:
-    """Every ordered pair of the databases: teacher -> features -> student (each training through `train`), then
-    matrix.csv."""
+def run_matrix(matrix: MatrixSettings, training: TrainingStage, features_hint: FeaturesHint | None = None
+               ) -> pd.DataFrame:
+    """Every ordered pair of the databases through the pipeline: teacher -> features -> student (each training
+    made a stage by `training`), then matrix.csv."""
     out = matrix.out
     pairs = [load_pair(a, b, matrix.data_root) for a, b in itertools.permutations(matrix.databases, 2)]
     labels = {}
     for pair in pairs:
         labels.setdefault(pair.train_arg, pair.train.name)
     print(f"cross-database matrix of {', '.join(labels.values())}: {len(pairs)} ordered pairs in {out}", flush=True)
-    rows = []
+    experiments = {}
     for pair in pairs:
         pair_dir = out / pair.key
+        distilled = matrix.kd != "none"  # the baseline needs no teacher
+        experiments[pair.key] = pipeline.Experiment(
+            f"[{pair.key}]", {"database_train": pair.train_arg, "database_test": pair.test_arg},
+            pair_dir / "teacher" if distilled else None, pair_dir / "features" if distilled else None,
+            {matrix.kd: pair_dir / "student"})
+    pair_of = {experiments[pair.key].tag: pair for pair in pairs}
+
+    def features(experiment: pipeline.Experiment, label: str) -> pipeline.Stage:
+        pair = pair_of[experiment.tag]
+        hint = features_hint(pair, experiment.features) if features_hint is not None else None
+        return pipeline.features_stage(experiment, label, matrix.data_root, matrix.data, matrix.runtime, hint)
+
+    pipeline.execute([stage for experiment in experiments.values()
+                      for stage in pipeline.experiment_stages(experiment, {}, training, features)])
+    rows = []
+    for pair in pairs:
+        experiment = experiments[pair.key]
         record = {"train": pair.train.name, "test": pair.test.name, "sign_flipped": pair.flipped}
-        if matrix.kd != "none":
-            train(stages.CROSS_TEACHER, pair, pair_dir / "teacher", f"[{pair.key}] teacher", None)
-            _features_stage(pair, pair_dir / "teacher", pair_dir / "features", matrix, features_hint)
-            record.update({f"teacher_{k}": v for k, v in _result(pair_dir / "teacher").items()})
-        train("crossdb_train", pair, pair_dir / "student", f"[{pair.key}] student",
-              pair_dir / "features" if matrix.kd != "none" else None)
-        record.update(_result(pair_dir / "student"))
+        if experiment.teacher is not None:
+            record.update({f"teacher_{k}": v for k, v in _result(experiment.teacher).items()})
+        record.update(_result(experiment.students[matrix.kd]))
         rows.append(record)
     return write_matrix(out, pd.DataFrame(rows), list(labels.values()), matrix)
 
