@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdoiqa import cli, pipeline, stages
 from kdoiqa.cli import Parser, erp_size_type, non_negative, positive
 from kdoiqa.common import UserError, parse_size, run_cli
 
@@ -43,19 +44,32 @@ def build_parser() -> Parser:
 STARTED = time.perf_counter()
 
 
-def step(title: str, argv: list[str]) -> None:
-    print(f"\n== {title}\n$ python {' '.join(shlex.quote(a) for a in argv)}", flush=True)
+def run_command(title: str, argv: list[str]) -> str:
+    """Print a step's shell command, run it as a user would, and say how long it took."""
+    print(f"$ python {' '.join(shlex.quote(a) for a in argv)}", flush=True)
     began = time.perf_counter()
     result = subprocess.run([sys.executable, *argv])
     if result.returncode != 0:
         raise UserError(f"demo step '{title}' failed (exit code {result.returncode}); see the output above")
     print(f"-- {title}: {time.perf_counter() - began:.0f} s ({(time.perf_counter() - STARTED) / 60:.1f} min so far)",
           flush=True)
+    return "made"
 
 
-def resume_flag(run: Path) -> list[str]:
-    """An interrupted demo continues where it stopped."""
-    return ["--resume"] if (run / "args.json").is_file() else []
+def command_stage(kind: str, title: str, argv: list[str]) -> pipeline.Stage:
+    return pipeline.Stage(kind, title, lambda: run_command(title, argv))
+
+
+def training_stage(script: str, given: dict, run_dir: Path, label: str) -> pipeline.Stage:
+    """A training as its shell command (skipped when it finished, resumed when it was interrupted)."""
+    def run() -> str:
+        state = stages.training_state(run_dir)
+        if state == "done":
+            print(f"{label}: done, skipped ({run_dir})", flush=True)
+            return "done"
+        values = {**given, "out": str(run_dir), **({"resume": True} if state == "partial" else {})}
+        return run_command(label, [f"{script}.py", *cli.to_argv(cli.training_parser(script), values)])
+    return pipeline.Stage(pipeline.stage_kind(script), label, run)
 
 
 def summary_of(run: Path, metric: str) -> str:
@@ -96,33 +110,45 @@ def main(argv: list[str] | None = None) -> None:
     db, runs, feats = out / "Synthetic", out / "runs", out / "features"
     started = time.perf_counter()
     erp = f"{args.erp_size[0]}x{args.erp_size[1]}"
-    common = ["--database", str(db), "--no-pretrained", "--workers", str(args.workers), "--no-progress",
-              "--face-size", str(args.face_size), "--erp-size", erp, "--folds", str(args.folds)]
+    steps = []
     if not (db / "meta.csv").is_file():
-        step("synthetic database", ["make_synthetic_db.py", "--out", str(db), "--contents", str(args.contents),
-                                    "--size", args.size, "--seed", "0"])
-    step("cube faces", ["img_resize.py", "--faces", "--database", str(db), "--face-size", str(args.face_size),
-                        "--no-progress"])
-    step("resized ERP", ["img_resize.py", "--database", str(db), "--erp-size", erp, "--no-progress"])
-    teacher = runs / "teacher"
-    if not (teacher / "results.csv").is_file():
-        step("teacher on cube faces", ["teacher_train.py", *common, "--epochs", str(args.epochs), "--out", str(teacher),
-                                       *resume_flag(teacher)])
-    step("teacher features", ["feat_save.py", "--database", str(db), "--run", str(teacher), "--features-dir",
-                              str(feats), "--workers", str(args.workers), "--no-progress"])
-    students = {}
-    for kd in variants:
-        run = runs / f"student_{kd}"
-        students[kd] = run
-        if not (run / "results.csv").is_file():
-            step(f"ERP student, --kd {kd}", ["mask_train.py", *common, "--kd", kd, "--features-dir", str(feats),
-                                             "--epochs", str(args.student_epochs), "--kd-warmup", "2",
-                                             "--kd-feature-epochs", "2", "--out", str(run), *resume_flag(run)])
+        steps.append(command_stage("database", "synthetic database", [
+            "make_synthetic_db.py", "--out", str(db), "--contents", str(args.contents), "--size", args.size,
+            "--seed", "0"]))
+    steps.append(command_stage("faces", "cube faces", ["img_resize.py", "--faces", "--database", str(db),
+                                                       "--face-size", str(args.face_size), "--no-progress"]))
+    steps.append(command_stage("erp", "resized ERP", ["img_resize.py", "--database", str(db), "--erp-size", erp,
+                                                      "--no-progress"]))
+    # teacher -> features -> students: the pipeline of reproduce.py and the cross-database matrix, each
+    # training as the command a user would type.
+    experiment = pipeline.Experiment("Synthetic", {"database": str(db)}, runs / "teacher", feats,
+                                     {kd: runs / f"student_{kd}" for kd in variants})
+    common = {"pretrained": False, "workers": args.workers, "progress": False, "face_size": args.face_size,
+              "erp_size": args.erp_size, "folds": args.folds}
+    teacher_values = {**common, "epochs": args.epochs}
+    student_values = {**common, "epochs": args.student_epochs, "kd_warmup": 2, "kd_feature_epochs": 2}
+
+    def training(script: str, given: dict, run_dir: Path, label: str) -> pipeline.Stage:
+        return training_stage(script, {**given, **(teacher_values if "teacher" in script else student_values)},
+                              run_dir, label)
+
+    def features(experiment: pipeline.Experiment, label: str) -> pipeline.Stage:
+        return command_stage("features", label, [
+            "feat_save.py", "--database", str(db), "--run", str(experiment.teacher), "--features-dir",
+            str(experiment.features), "--workers", str(args.workers), "--no-progress"])
+
+    steps += pipeline.experiment_stages(experiment, {}, training, features)
+    students = dict(experiment.students)
+
+    def predict_stage() -> str:
+        first = sorted((db / "images").glob("*.png"))[0]
+        return run_command("predict.py on one image, with every fold's student",
+                           ["predict.py", str(students[variants[-1]]), str(first), "--no-progress"])
+    steps.append(pipeline.Stage("predict", "predict.py on one image, with every fold's student", predict_stage))
+    pipeline.execute(steps)
     image = sorted((db / "images").glob("*.png"))[0]
-    step("predict.py on one image, with every fold's student", ["predict.py", str(students[variants[-1]]), str(image),
-                                                                "--no-progress"])
     print(what_the_models_saw(db, students[variants[-1]], image))
-    rows = [("teacher (cube faces)", teacher)] + [(KD_NAMES[kd], students[kd]) for kd in variants]
+    rows = [("teacher (cube faces)", experiment.teacher)] + [(KD_NAMES[kd], students[kd]) for kd in variants]
     print(f"\n== KD-OIQA demo on {db} ({args.folds} folds, last epoch, protocol ours, mean ± std over folds)")
     print(f"{'model':<22} {'SRCC':>15} {'PLCC':>15}")
     for name, run in rows:
