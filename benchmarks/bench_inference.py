@@ -23,7 +23,7 @@ import torch
 from bench_utils import machine, report, sync_for, timed
 from PIL import Image
 
-from kdoiqa.common import parse_size
+from kdoiqa.cli import size_type
 from kdoiqa.models import build_model
 from kdoiqa.viewport.project import cube_faces
 
@@ -33,8 +33,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None, help="default bf16 on CUDA, none on CPU")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--erp-size", type=parse_size, default=(1024, 512))
-    p.add_argument("--source-size", type=parse_size, default=(2048, 1024), help="ERP the teacher's faces come from")
+    p.add_argument("--erp-size", type=size_type("--erp-size"), default=(1024, 512))
+    p.add_argument("--source-size", type=size_type("--source-size"), default=(2048, 1024), help="ERP the teacher's faces come from")
     p.add_argument("--face-size", type=int, default=256)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--files", type=int, default=16, help="PNG files decoded per call of the files measurement")

@@ -23,7 +23,7 @@ from PIL import Image
 
 import predict
 from kdoiqa.checkpoints import save_checkpoint
-from kdoiqa.common import parse_size
+from kdoiqa.cli import size_type
 from kdoiqa.models import build_model
 
 
@@ -32,8 +32,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", type=int, default=512)
-    p.add_argument("--size", type=parse_size, default=(2048, 1024), help="panorama size (JPEG)")
-    p.add_argument("--erp-size", type=parse_size, default=(1024, 512), help="the student's input size")
+    p.add_argument("--size", type=size_type("--size"), default=(2048, 1024), help="panorama size (JPEG)")
+    p.add_argument("--erp-size", type=size_type("--erp-size"), default=(1024, 512), help="the student's input size")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--prepare-only", action="store_true", help="write the photos and checkpoints, then stop")

@@ -27,7 +27,7 @@ import torch
 from bench_utils import machine, report, sync_for
 
 from kdoiqa import engine
-from kdoiqa.common import parse_size
+from kdoiqa.cli import size_type
 from kdoiqa.databases import Database
 from kdoiqa.image_store import ImageStore
 from kdoiqa.methods import StudentMethod, TargetScale, TeacherMethod
@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=6)
     p.add_argument("--face-size", type=int, default=256)
-    p.add_argument("--erp-size", type=parse_size, default=(1024, 512))
+    p.add_argument("--erp-size", type=size_type("--erp-size"), default=(1024, 512))
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto")
     opts = p.parse_args()
     device = torch.device(opts.device)

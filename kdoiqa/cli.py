@@ -648,7 +648,7 @@ def matrix_steps(args: argparse.Namespace, explicit: frozenset[str]) -> tuple[Ca
     features."""
     from kdoiqa import pipeline
 
-    passed = {name: value for name, value in given_values(args, explicit).items() if name not in ("fold", "out")}
+    passed = given_values(args, explicit)  # --matrix and --out are not a stage's: run_training sets its own folder
 
     def training(script: str, given: dict, run_dir: Path, label: str) -> pipeline.Stage:
         values = {**passed, **given}
