@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kdoiqa.accelerator import ACCELERATOR
+from kdoiqa.common import UserError
 from kdoiqa.distributed import DIST
 from kdoiqa.image_store import ImageStore
 from kdoiqa.methods import Method, TargetScale
@@ -31,6 +32,21 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if ACCELERATOR.takes(device) and ACCELERATOR.capability(device)[0] >= 8:
         return "bf16"
     return "none"
+
+
+# PyTorch's CPU bfloat16 convolution (oneDNN, torch 2.14) computes wrong weight gradients, often inf or nan,
+# for a 3x3 stride-2 convolution over a map one pixel wide (tests/test_flags.py, against float64). ResNet's
+# last stage has such a convolution and sees a map ceil(width / 16) pixels wide.
+CPU_BF16_MIN_WIDTH = 17
+
+
+def check_amp_input(amp: str, device: torch.device, width: int, flag: str) -> None:
+    """Refuse a training whose resolved `amp` would take that CPU kernel's wrong gradients (`flag`: the input's
+    size as the user gave it, for the message)."""
+    if amp == "bf16" and device.type == "cpu" and width < CPU_BF16_MIN_WIDTH:
+        raise UserError(f"--amp bf16 on CPU with {flag}: ResNet's last stage would see a map one pixel wide, where "
+                        f"PyTorch's CPU bfloat16 convolution computes wrong gradients; use --amp none or inputs of at "
+                        f"least {CPU_BF16_MIN_WIDTH} pixels")
 
 
 def autocast_for(amp: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:

@@ -20,6 +20,7 @@ import feat_save
 import mask_train
 import teacher_train
 from kdoiqa import engine
+from kdoiqa.common import UserError
 from kdoiqa.databases import load_database
 from kdoiqa.folds import load_folds, make_folds, write_folds
 
@@ -112,13 +113,45 @@ def test_amp_bf16_on_cpu(db, tmp_path):
     runs = {}
     for amp in ("none", "bf16"):
         run = tmp_path / amp
-        teacher_train.main([*db["base"], "--fold", "0", "--epochs", "1", "--amp", amp, "--out", str(run), *FAST])
+        # 32-pixel faces: at 16, ResNet's last stage sees a map one pixel wide, refused under CPU bf16 (below).
+        teacher_train.main([*db["base"], "--fold", "0", "--epochs", "1", "--amp", amp, "--out", str(run), *FAST,
+                            "--face-size", "32"])
         runs[amp] = pd.read_csv(run / "fold0" / "predictions.csv")["prediction"].to_numpy()
         assert json.loads((run / "args.json").read_text())["settings"]["runtime"]["amp"] == amp
     bf16 = torch.tensor(runs["bf16"])
     assert not np.array_equal(runs["bf16"], runs["none"])  # the trunk ran in bfloat16: autocast ran
     assert not torch.equal(bf16.to(torch.bfloat16).double(), bf16)  # but the head's scores are fp32, not bf16 steps
     assert np.abs(runs["bf16"] - runs["none"]).max() < 2.0  # the same model, to bfloat16's resolution
+
+
+def test_cpu_bf16_refuses_inputs_whose_last_stage_is_one_pixel_wide(db, tmp_path):
+    """PyTorch's CPU bfloat16 convolution computes wrong weight gradients (often inf or nan) for a 3x3 stride-2
+    convolution over a map one pixel wide: a teacher on 16-pixel faces trained in bf16 on CPU went non-finite
+    on some runs and silently wrong on the others. Refused before any work, naming the way out."""
+    with pytest.raises(UserError, match=r"--amp bf16 on CPU with --face-size 16: .*use --amp none or inputs of at "
+                                        r"least 17 pixels"):
+        teacher_train.main([*db["base"], "--fold", "0", "--epochs", "1", "--amp", "bf16", "--out",
+                            str(tmp_path / "t"), *FAST])
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(UserError, match=r"--amp bf16 on CPU with --erp-size 16x8"):
+        mask_train.main([*db["base"], "--kd", "none", "--fold", "0", "--epochs", "1", "--amp", "bf16",
+                         "--out", str(tmp_path / "s"), *FAST, "--erp-size", "16x8"])
+
+
+def test_cpu_bf16_weight_gradient_is_right_at_the_smallest_accepted_input():
+    """The boundary of that refusal, against float64: a 17-pixel input reaches ResNet's last stage 2 pixels wide,
+    where the CPU bf16 weight gradient of its 3x3 stride-2 convolution is right (1 pixel wide it is wrong on
+    most draws with torch 2.14; the refusal's message says so)."""
+    torch.manual_seed(0)
+    for _ in range(8):
+        conv = torch.nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False)
+        x = torch.randn(12, 64, 2, 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            conv(x).float().square().sum().backward()
+        weight = conv.weight.detach().double().requires_grad_()
+        torch.nn.functional.conv2d(x.double(), weight, stride=2, padding=1).square().sum().backward()
+        got = conv.weight.grad.double()
+        assert torch.isfinite(got).all() and (got - weight.grad).abs().max() <= 0.05 * weight.grad.abs().max()
 
 
 def test_cache_none_equals_the_cache(db, tmp_path):
