@@ -68,9 +68,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parsed(argparse.Namespace):
-    """Parsed arguments; `given` names the destinations the command line gave (the others hold defaults)."""
+    """Parsed arguments; `given` names the destinations the command line gave (the others hold defaults). A slot,
+    not an attribute: `vars(args)` holds the flags alone."""
 
-    given: frozenset[str] = frozenset()
+    __slots__ = ("given",)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.given: frozenset[str] = frozenset()
 
 
 class Parser(argparse.ArgumentParser):
