@@ -20,8 +20,9 @@ import shlex
 import sys
 
 from kdoiqa import cli, stages
-from kdoiqa.common import INTERRUPT_HINT, run_cli
+from kdoiqa.common import interrupt_hint, run_cli
 from kdoiqa.crossdb_matrix import MATRIX_DIR, run_matrix
+from kdoiqa.distributed import DIST
 
 
 def build_parser() -> cli.Parser:
@@ -36,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     args, explicit = cli.parse(build_parser(), argv)
     if args.matrix:
         matrix = cli.matrix_settings(args, explicit)
-        INTERRUPT_HINT.insert(0, shlex.join(["python", "crossdb_train.py", *sys.argv[1:]]))
-        run_matrix(matrix, *cli.matrix_steps(args, explicit))
+        # Ctrl-C continues the whole matrix; one process group serves all its runs (undone at the end)
+        with interrupt_hint(shlex.join(["python", "crossdb_train.py", *sys.argv[1:]])), DIST.scope():
+            run_matrix(matrix, *cli.matrix_steps(args, explicit))
     else:
         stages.train_student(cli.training_settings("crossdb_train", args, explicit))
 

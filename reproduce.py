@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdoiqa import cli, paper_tables, pipeline
-from kdoiqa.common import INTERRUPT_HINT, UserError, atomic_write_json, atomic_write_text, run_cli
+from kdoiqa.common import UserError, atomic_write_json, atomic_write_text, interrupt_hint, run_cli
 from kdoiqa.databases import database_key, load_database, resolve_database_root
 from kdoiqa.derived_files import extract_database, resize_database
 from kdoiqa.distributed import DIST
@@ -200,17 +200,18 @@ def write_tables(work: Plan, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args, explicit = cli.parse(build_parser(), argv)
     work = plan(args, explicit)
-    INTERRUPT_HINT.insert(0, shlex.join(["python", "reproduce.py", *(sys.argv[1:] if argv is None else argv)]))
     out = Path(args.out)
-    if DIST.enabled:
-        DIST.init(args.device, "folds")
-    if DIST.is_main:
-        counts = {kind: sum(s.kind == kind for s in work.stages) for kind in dict.fromkeys(s.kind for s in work.stages)}
-        print(f"reproduction in {out}: {len(work.stages)} stages ({', '.join(f'{n} {k}' for k, n in counts.items())})",
-              flush=True)
-    pipeline.execute(work.stages, out)
-    if DIST.is_main:
-        write_tables(work, out)
+    # Ctrl-C continues the whole reproduction; one process group serves all its runs (undone at the end)
+    with interrupt_hint(shlex.join(["python", "reproduce.py", *(sys.argv[1:] if argv is None else argv)])), DIST.scope():
+        if DIST.enabled:
+            DIST.init(args.device, "folds")
+        if DIST.is_main:
+            counts = {kind: sum(s.kind == kind for s in work.stages) for kind in dict.fromkeys(s.kind for s in work.stages)}
+            print(f"reproduction in {out}: {len(work.stages)} stages ({', '.join(f'{n} {k}' for k, n in counts.items())})",
+                  flush=True)
+        pipeline.execute(work.stages, out)
+        if DIST.is_main:
+            write_tables(work, out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ OSError at write time becomes one line on stderr and exit code 2, never a traceb
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -27,9 +28,36 @@ class UserError(Exception):
     """A problem with the user's input or environment, reported as one line with exit code 2."""
 
 
-# What Ctrl-C prints: the command that continues the interrupted work (the first one set: a run's, once its
-# folder exists, or that of a command that drives several runs, such as reproduce.py).
-INTERRUPT_HINT: list[str] = []
+# What Ctrl-C prints: the command that continues the interrupted work. Each piece of work says it for its own
+# duration (`with interrupt_hint(command):`); the blocks an interrupt passes through hand their command on with it
+# (`KeyboardInterrupt.continue_with`), the outermost block's last: a command that drives several runs, such as
+# reproduce.py, is printed rather than the one of the run it was in.
+_HINTS: contextvars.ContextVar[tuple[str | Callable[[], str | None], ...]] = contextvars.ContextVar(
+    "kdoiqa_interrupt_hints", default=())
+
+
+@contextlib.contextmanager
+def interrupt_hint(command: str | Callable[[], str | None]) -> Iterator[None]:
+    """Within the block, a Ctrl-C (a KeyboardInterrupt leaving it) carries `command`, the command that continues
+    the block's work, to `run_cli`, which prints it. `command` may be a function, asked when the interrupt comes
+    (None: no command yet, e.g. a run whose folder does not exist yet). The hint ends with the block, also
+    on an error."""
+    token = _HINTS.set((*_HINTS.get(), command))
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        text = command() if callable(command) else command
+        if text is not None:
+            interrupt.continue_with = text  # type: ignore[attr-defined]  # an enclosing block's replaces it
+        raise
+    finally:
+        _HINTS.reset(token)
+
+
+def interrupt_hints() -> tuple[str, ...]:
+    """The commands of the `interrupt_hint` blocks the caller is in, outermost first (those that have one now)."""
+    hints = (hint() if callable(hint) else hint for hint in _HINTS.get())
+    return tuple(hint for hint in hints if hint is not None)
 
 
 def run_cli(main: Callable[[], Any]) -> None:
@@ -39,14 +67,14 @@ def run_cli(main: Callable[[], Any]) -> None:
     as a UserError, so they become that one line too, instead of the usage block plus the message; so do
     errors raised in data-loading workers.
     """
-    INTERRUPT_HINT.clear()
     try:
         result = main()
     except UserError as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        hint = f"; continue it with: {INTERRUPT_HINT[0]}" if INTERRUPT_HINT else ""
+    except KeyboardInterrupt as interrupt:
+        command = getattr(interrupt, "continue_with", None)  # set by the interrupt_hint blocks it left
+        hint = f"; continue it with: {command}" if command else ""
         print(f"interrupted{hint}", file=sys.stderr)
         sys.exit(130)
     except OSError as err:  # disk full, permission denied, ... at write time

@@ -8,7 +8,9 @@ Without torchrun there is one process (world 1) and nothing here communicates. U
 * `batch`: every fold is trained by all ranks together with `DistributedDataParallel`: each
   step's batch is split across the ranks and DDP averages the gradients during the backward pass.
 
-NCCL on GPUs, gloo on CPU. Rank 0 alone prints and writes the run-level files.
+NCCL on GPUs, gloo on CPU. Rank 0 alone prints and writes the run-level files. Every run (and every command
+that drives several, such as reproduce.py) works within `DIST.scope()`: the launch is read from the environment
+when it starts, and what `DIST.init` sets up (the process group, the heartbeat) ends with it.
 A rank that waits for the others' *work* (its folds done, or rank 0 making faces and features under
 reproduce.py) waits without a time limit: it polls the rendezvous store, never a collective. Only a
 single collective (a gradient all-reduce, a gather once every rank has arrived) is bounded, by
@@ -16,18 +18,23 @@ KDOIQA_COLLECTIVE_TIMEOUT seconds (default 1800).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import math
 import os
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from kdoiqa.common import UserError
 
 COLLECTIVE_TIMEOUT_ENV = "KDOIQA_COLLECTIVE_TIMEOUT"
 HEARTBEAT_TIMEOUT_ENV = "KDOIQA_HEARTBEAT_TIMEOUT"
 HEARTBEAT_PERIOD = 2.0  # seconds between two signs of life of a process (a thread of its own)
+T = TypeVar("T")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -99,17 +106,114 @@ def resolve_device(name: str | None):
     return ACCELERATOR.canonical(device)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """Which process of which launch this one is: torchrun's WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE
+    (one process of one without torchrun)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    local_world: int = 1
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Launch:
+        env = os.environ if environ is None else environ
+        world = int(env.get("WORLD_SIZE", "1"))
+        return cls(world=world, rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")),
+                   local_world=int(env.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+@dataclass
+class Scope:
+    """A run's (or an orchestrator's) view of the launch: the launch as read when it started, and how its work is
+    spread over the processes (`mode`: "batch", DDP over each step's batch; "folds", whole folds per process;
+    "none"), set by `Distributed.init`."""
+
+    launch: Launch
+    mode: str = "none"
+
+
 class Distributed:
-    """The process group of a torchrun launch (world 1 without torchrun)."""
+    """The process group of a torchrun launch (world 1 without torchrun), within explicit scopes.
+
+        with DIST.scope():                      # the launch read from the environment now, fixed in the block
+            device = DIST.init(device, mode)    # this rank's device; the process group and heartbeat
+            ...                                 # gather_objects, barrier, my_folds, ...
+        # the outermost scope's end: heartbeat stopped, the group it made destroyed, the current GPU restored
+
+    A scope within another (a run of reproduce.py or of the cross-database matrix) keeps the outer one's launch and
+    process group and has a mode of its own, restored when it ends. Outside every scope the launch is what the
+    environment says when asked (nothing of it is kept) and the mode is "none"."""
 
     def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
-        self.mode = "none"  # "batch" (DDP over each step's batch), "folds" (whole folds per rank) or "none"
-        self._waits = 0     # how many waits this process has made (every rank makes them in the same order)
-        self._heartbeat: threading.Event | None = None  # set to stop this process's heartbeat thread
+        self._scopes: list[Scope] = []
+        self._waits = 0     # how many waits on the current group (every rank makes them in the same order)
+        self._heartbeat: tuple[threading.Event, threading.Thread] | None = None  # set the event to stop the thread
+        self._made_group = False  # whether init made the current default process group (then a scope's end ends it)
+        self._previous_gpu: int | None = None  # the current CUDA device before init chose this rank's
+
+    @contextlib.contextmanager
+    def scope(self, launch: Launch | None = None) -> Iterator[Scope]:
+        """A block with a fixed launch (`launch`, else read from the environment; a nested scope: the enclosing
+        one's). The outermost scope's end undoes what `init` set up within it: the heartbeat stops; after a normal
+        end the process group `init` made is destroyed and the current GPU restored. After an error the group is
+        left to the process's exit (tearing NCCL down while another process may still be inside a collective can
+        block); a later scope's `init` takes it over."""
+        outermost = not self._scopes
+        if launch is None:
+            launch = Launch.from_environment() if outermost else self._scopes[-1].launch
+        scope = Scope(launch)
+        self._scopes.append(scope)
+        completed = False
+        try:
+            yield scope
+            completed = True
+        finally:
+            del self._scopes[next(i for i, open_scope in enumerate(self._scopes) if open_scope is scope)]
+            if outermost:
+                self.stop_heartbeat()
+                if completed:
+                    self._end_group()
+
+    def scoped(self, stage: Callable[..., T]) -> Callable[..., T]:
+        """`stage` run within `self.scope()` (for the stages that start a run: their `init` ends with them)."""
+
+        @functools.wraps(stage)
+        def within_scope(*args: Any, **kwargs: Any) -> T:
+            with self.scope():
+                return stage(*args, **kwargs)
+
+        return within_scope
+
+    @property
+    def active(self) -> bool:
+        """Whether a scope is open."""
+        return bool(self._scopes)
+
+    @property
+    def launch(self) -> Launch:
+        return self._scopes[-1].launch if self._scopes else Launch.from_environment()
+
+    @property
+    def world(self) -> int:
+        return self.launch.world
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def local_rank(self) -> int:
+        return self.launch.local_rank
+
+    @property
+    def local_world(self) -> int:
+        return self.launch.local_world
+
+    @property
+    def mode(self) -> str:
+        return self._scopes[-1].mode if self._scopes else "none"
 
     @property
     def enabled(self) -> bool:
@@ -130,20 +234,27 @@ class Distributed:
         return (self.rank, self.world) if self.data_parallel else (0, 1)
 
     def init(self, device_arg: str | None, mode: str = "none"):
-        """Start the process group (NCCL on CUDA, gloo on CPU) and return this rank's device."""
+        """Within a scope: set its mode, start the process group (NCCL on CUDA, gloo on CPU; an existing one is
+        used) and this process's heartbeat, and return this rank's device. The outermost scope's end undoes it."""
+        if not self._scopes:
+            raise RuntimeError("Distributed.init outside a scope: call it within `with DIST.scope():`, whose end "
+                               "undoes it")
         import torch
         import torch.distributed as dist
 
         from kdoiqa.accelerator import ACCELERATOR, process_group_backend
 
+        scope = self._scopes[-1]
         device = resolve_device(device_arg)
         if not self.enabled:
-            self.mode = "none"
+            scope.mode = "none"
             return device
-        self.mode = mode
+        scope.mode = mode
         if device.type == "cuda":
             device = torch.device("cuda", rank_gpu(device_arg, self.local_rank, self.local_world,
                                                    ACCELERATOR.device_count()))
+            if self._previous_gpu is None:
+                self._previous_gpu = torch.cuda.current_device()
             ACCELERATOR.set_device(device)
         if not dist.is_initialized():
             # NCCL needs one GPU per rank; ranks sharing a GPU (fold-parallel) talk over gloo.
@@ -151,8 +262,24 @@ class Distributed:
             # NCCL is told its GPU: its barrier() then needs no guess (and warns about none).
             extra = {"device_id": device} if backend == "nccl" else {}
             dist.init_process_group(backend, timeout=collective_timeout(), **extra)
+            self._made_group, self._waits = True, 0  # a new group: a new rendezvous store, its wait keys unused
         self.start_heartbeat()
         return device
+
+    def _end_group(self) -> None:
+        """Destroy the process group `init` made (every rank gets here after the run's last barrier) and make the
+        GPU that was current before `init` current again."""
+        if self._made_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self._made_group, self._waits = False, 0
+        if self._previous_gpu is not None:
+            import torch
+
+            torch.cuda.set_device(self._previous_gpu)
+            self._previous_gpu = None
 
     def gpu_sharers(self, device) -> int:
         """How many processes of this launch use `device` (1 for a CPU or without torchrun)."""
@@ -183,12 +310,15 @@ class Distributed:
                 except Exception:  # the store is gone: the job is ending
                     return
 
-        threading.Thread(target=beat, name="kdoiqa-heartbeat", daemon=True).start()
-        self._heartbeat = stop
+        thread = threading.Thread(target=beat, name="kdoiqa-heartbeat", daemon=True)
+        thread.start()
+        self._heartbeat = (stop, thread)
 
     def stop_heartbeat(self) -> None:
         if self._heartbeat is not None:
-            self._heartbeat.set()
+            stop, thread = self._heartbeat
+            stop.set()
+            thread.join(timeout=HEARTBEAT_PERIOD)  # it returns at once unless a store call of its is under way
             self._heartbeat = None
 
     def wait_for_all(self) -> None:
@@ -338,4 +468,5 @@ def sum_gradients(process_group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+# The library's one view of the launch: its state lives in the scopes opened on it (nothing is read at import).
 DIST = Distributed()

@@ -25,7 +25,6 @@ import pandas as pd
 from kdoiqa import metrics
 from kdoiqa.checkpoints import CHECKPOINT, RESUME
 from kdoiqa.common import (
-    INTERRUPT_HINT,
     UserError,
     atomic_path,
     atomic_write_csv,
@@ -137,8 +136,9 @@ class Run:
         return DIST.mode == "folds" or DIST.is_main
 
     def open(self) -> Path:
-        """Create the run folder and write args.json, once: deferred until the data are decoded and
-        every input is checked, so that a bad input leaves no half-made run behind."""
+        """Create the run folder and write args.json, once (the step where a run starts writing: training calls
+        it as a fold starts): deferred until the data are decoded and every input is checked, so that a bad
+        input leaves no half-made run behind."""
         if not self.opened:
             # No collective here: under --parallel folds a process opens the run when it starts its first
             # fold, and one with no fold to train never does.
@@ -150,12 +150,18 @@ class Run:
                 atomic_write_json(self.run_dir / "args.json", self.record)
             elif DIST.mode == "folds":
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-            INTERRUPT_HINT.append(shlex.join(["python", f"{self.script}.py", "--resume", "--out", str(self.run_dir)]))
             self.opened = True
         return self.run_dir
 
+    def resume_command(self) -> str | None:
+        """The command that continues this run once its folder is open (what Ctrl-C prints), else None."""
+        if not self.opened:
+            return None
+        return shlex.join(["python", f"{self.script}.py", "--resume", "--out", str(self.run_dir)])
+
     def fold_dir(self, fold: int) -> Path:
-        return self.open() / f"fold{fold}"
+        """Fold `fold`'s folder (a path: made by the training of that fold)."""
+        return self.run_dir / f"fold{fold}"
 
     def log(self, fold: int, record: dict) -> None:
         with open(self.fold_dir(fold) / "log.jsonl", "a", encoding="utf-8") as handle:

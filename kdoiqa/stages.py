@@ -133,6 +133,7 @@ def _refuse_split_flags(folds: FoldSet, db: Database, settings: TrainingSettings
 # ----------------------------------------------------------------------------------------------
 # The teacher.
 
+@DIST.scoped  # the run's launch and process group: set up by start_run, undone on return
 def train_teacher(settings: TrainingSettings, explicit: frozenset[str] = frozenset(), *,
                   hint: Callable[[Run], str] | None = None) -> Run:
     """k-fold teacher on one database, or (cross-database settings) on all of A tested on all of B.
@@ -366,6 +367,7 @@ def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir:
 # ----------------------------------------------------------------------------------------------
 # The student.
 
+@DIST.scoped  # the run's launch and process group: set up by start_run, undone on return
 def train_student(settings: TrainingSettings, explicit: frozenset[str] = frozenset(), *,
                   hint: Callable[[Run], str] | None = None) -> Run:
     """The ERP student (--kd mask|feature|none) on one database, or on all of A tested on all of B.

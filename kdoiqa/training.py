@@ -25,7 +25,15 @@ import torch
 from kdoiqa import engine, metrics
 from kdoiqa.accelerator import ACCELERATOR
 from kdoiqa.checkpoints import CHECKPOINT, RESUME, cpu_state, load_checkpoint, load_resume_state, save_checkpoint
-from kdoiqa.common import UserError, atomic_torch_save, deferred_interrupts, interrupt_pending, jsonable, seed_everything
+from kdoiqa.common import (
+    UserError,
+    atomic_torch_save,
+    deferred_interrupts,
+    interrupt_hint,
+    interrupt_pending,
+    jsonable,
+    seed_everything,
+)
 from kdoiqa.databases import Database, database_key
 from kdoiqa.distributed import DIST, sum_gradients
 from kdoiqa.folds import FoldSet, FoldSplit, holdout_validation, resolve_folds
@@ -40,7 +48,8 @@ from kdoiqa.settings import TrainingSettings, in_checkpoint, protocol_note
 
 def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None = None,
               test_db: Database | None = None, run_key: str | None = None) -> Run:
-    """Check the data, choose the split and the device, and name the run folder (made later)."""
+    """Check the data, choose the split and the device, and name the run folder (made later). Called within a
+    `DIST.scope()` (the stage's), which undoes the process group set up here when the stage ends."""
     run_cfg, runtime = settings.run, settings.runtime
     if folds is None:
         folds = resolve_folds(db, run_cfg.folds_file, k=run_cfg.folds, split_seed=run_cfg.split_seed,
@@ -127,16 +136,17 @@ def train_folds(run: Run, build_method: Callable[[int, FoldSplit], Method], *,
     if run.settings.optim.seeding == "once":
         seed_everything(run.settings.optim.seed)
     runtime = run.settings.runtime
-    try:
-        with precision(runtime.tf32, runtime.deterministic, run.device):
-            results = _train_my_folds(run, build_method, stores, features_for_fold)
-    except BaseException:
-        run.discard_if_unstarted()
-        raise
-    every = [r for rank_results in DIST.gather_objects(results) for r in rank_results]
-    if DIST.is_main:
-        finish_run(run, every)
-    DIST.barrier()
+    with interrupt_hint(run.resume_command):  # once the run's folder exists, Ctrl-C prints how to continue it
+        try:
+            with precision(runtime.tf32, runtime.deterministic, run.device):
+                results = _train_my_folds(run, build_method, stores, features_for_fold)
+        except BaseException:
+            run.discard_if_unstarted()
+            raise
+        every = [r for rank_results in DIST.gather_objects(results) for r in rank_results]
+        if DIST.is_main:
+            finish_run(run, every)
+        DIST.barrier()
     return sorted(every, key=lambda r: r.fold)
 
 
@@ -213,6 +223,7 @@ def setup_fold(run: Run, k: int, method: Method, train_images: Sequence[str]) ->
     method.use_grad_scaler(grad_scaler)
     scale = TargetScale.of(settings.optim.target_scale, run.db.score_range)
     state = FoldState(method, {}, optimizer, grad_scaler, engine.autocast_for(amp, device), scale)
+    run.open()  # the run starts writing: its folder and args.json (once)
     fold_dir = run.fold_dir(k)
     if run.writes_fold(k):
         fold_dir.mkdir(parents=True, exist_ok=True)

@@ -168,18 +168,18 @@ def _dead_rank_worker(rank: int, world: int, port: int, out: str) -> None:
     from kdoiqa.common import UserError
     from kdoiqa.distributed import DIST
 
-    DIST.__init__()
-    DIST.init("cpu", "folds")
-    if rank == 1:
-        os._exit(0)  # dies without a word (an OOM kill, a lost node)
-    started = time.monotonic()
-    try:
-        DIST.wait_for_all()
-        message = "returned"
-    except UserError as err:
-        message = str(err)
-    Path(out).write_text(json.dumps({"message": message, "seconds": time.monotonic() - started}))
-    os._exit(0)
+    with DIST.scope():  # never left: each process ends with os._exit
+        DIST.init("cpu", "folds")
+        if rank == 1:
+            os._exit(0)  # dies without a word (an OOM kill, a lost node)
+        started = time.monotonic()
+        try:
+            DIST.wait_for_all()
+            message = "returned"
+        except UserError as err:
+            message = str(err)
+        Path(out).write_text(json.dumps({"message": message, "seconds": time.monotonic() - started}))
+        os._exit(0)
 
 
 def test_a_dead_process_ends_the_wait_of_the_others(tmp_path):

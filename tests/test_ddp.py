@@ -55,8 +55,13 @@ def _grad_worker(rank: int, world: int, port: int, out: str, sizes: list[int], e
     _join(rank, world, port)
     from kdoiqa.distributed import DIST
 
-    DIST.__init__()
-    DIST.init("cpu", "batch")
+    with DIST.scope():  # its end destroys the process group
+        DIST.init("cpu", "batch")
+        _grad_steps(rank, world, out, sizes, epoch)
+    assert not tdist.is_initialized()
+
+
+def _grad_steps(rank: int, world: int, out: str, sizes: list[int], epoch: int) -> None:
     from kdoiqa.settings import RuntimeSettings, TrainingSettings
     from kdoiqa.training import _wrap
 
@@ -80,7 +85,6 @@ def _grad_worker(rank: int, world: int, port: int, out: str, sizes: list[int], e
         (loss * weight).backward()
         grads.append({name: p.grad.clone() for name, p in method.named_parameters() if p.grad is not None})
     torch.save(grads, f"{out}/rank{rank}.pt")
-    tdist.destroy_process_group()
 
 
 @pytest.mark.parametrize("epoch", [3, 2], ids=["mask-phase", "feature-phase"])
@@ -110,20 +114,19 @@ def test_ddp_gradient_is_the_batch_mean(tmp_path, epoch):
 
 def test_shards_are_disjoint_and_cover_the_batch(tiny_db, monkeypatch):
     """Under --parallel batch each rank takes rows r, r+N, ... of every global batch, weighted by its share."""
-    from kdoiqa.distributed import DIST
+    from kdoiqa.distributed import DIST, Launch
     from kdoiqa.image_store import ImageStore
     from kdoiqa.settings import DataSettings
 
     db = load_database(tiny_db)
     store = ImageStore(db, db.images, "erp", DataSettings(erp_size=(32, 16), workers=0, cache="cpu"),
                        torch.device("cpu"), progress=False)
-    monkeypatch.setattr(DIST, "world", 3)
-    monkeypatch.setattr(DIST, "mode", "batch")
     shares = []
     for rank in range(3):
-        monkeypatch.setattr(DIST, "rank", rank)
-        shares.append(list(store.batches(db.images[:10], 4, shuffle=True, generator=torch.Generator().manual_seed(7),
-                                         shard=True)))
+        with DIST.scope(Launch(world=3, rank=rank, local_rank=rank, local_world=3)) as scope:
+            scope.mode = "batch"
+            shares.append(list(store.batches(db.images[:10], 4, shuffle=True,
+                                             generator=torch.Generator().manual_seed(7), shard=True)))
     order = db.images[:10]
     order = [order[i] for i in torch.randperm(10, generator=torch.Generator().manual_seed(7)).tolist()]
     for step, start in enumerate(range(0, 10, 4)):
@@ -139,15 +142,20 @@ def test_shards_are_disjoint_and_cover_the_batch(tiny_db, monkeypatch):
 def _idle_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     """Two epochs (supervised, then feature imitation) through the engine under DDP."""
     _join(rank, world, port)
-    from kdoiqa import engine
     from kdoiqa.distributed import DIST
+
+    with DIST.scope():  # its end destroys the process group
+        _idle_epochs(rank, DIST.init("cpu", "batch"), root, out)
+    assert not tdist.is_initialized()
+
+
+def _idle_epochs(rank: int, device: torch.device, root: str, out: str) -> None:
+    from kdoiqa import engine
     from kdoiqa.image_store import ImageStore
     from kdoiqa.methods import TargetScale
     from kdoiqa.settings import DataSettings, OptimSettings, RuntimeSettings, TrainingSettings
     from kdoiqa.training import _wrap
 
-    DIST.__init__()
-    device = DIST.init("cpu", "batch")
     db = load_database(root)
     store = ImageStore(db, db.images, "erp", DataSettings(erp_size=(32, 16), workers=0, cache="cpu"), device,
                        progress=False)
@@ -166,7 +174,6 @@ def _idle_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     torch.save({"before": before, "after": method.policy.state_dict(),
                 "trunk_moved": not torch.equal(method.model.head.weight, _student().model.head.weight)},
                f"{out}/idle{rank}.pt")
-    tdist.destroy_process_group()
 
 
 def test_idle_policy_untouched_under_ddp(tiny_db, tmp_path):

@@ -25,10 +25,7 @@ FAST = ["--no-pretrained", "--face-size", "32", "--batch-size", "4", "--workers"
 def _join(rank: int, world: int, port: int, timeout_s: float) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{COLLECTIVE_TIMEOUT_ENV: str(timeout_s)})
-    torch.set_num_threads(1)
-    from kdoiqa.distributed import DIST
-
-    DIST.__init__()
+    torch.set_num_threads(1)  # the launch is read from this environment when a run's scope starts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,17 +35,18 @@ def _late_worker(rank: int, world: int, port: int, out: str) -> None:
     _join(rank, world, port, timeout_s=2)
     from kdoiqa.distributed import DIST
 
-    DIST.init("cpu", "folds")
-    if rank == 1:
-        time.sleep(5)  # two and a half collective time-outs of work before this rank arrives
-    gathered = DIST.gather_objects({"rank": rank})
-    DIST.barrier()
-    started = time.monotonic()
-    if rank == 0:
-        time.sleep(4)
-    DIST.barrier()
+    with DIST.scope():  # its end destroys the process group
+        DIST.init("cpu", "folds")
+        if rank == 1:
+            time.sleep(5)  # two and a half collective time-outs of work before this rank arrives
+        gathered = DIST.gather_objects({"rank": rank})
+        DIST.barrier()
+        started = time.monotonic()
+        if rank == 0:
+            time.sleep(4)
+        DIST.barrier()
+    assert not tdist.is_initialized()
     Path(out, f"rank{rank}.json").write_text(json.dumps({"gathered": gathered, "waited": time.monotonic() - started}))
-    tdist.destroy_process_group()
 
 
 def test_a_rank_waits_longer_than_the_collective_timeout(tmp_path):
@@ -74,7 +72,7 @@ def _slow_fold_worker(rank: int, world: int, port: int, db: str, folds: str, out
 
     training.train_fold = late
     teacher_train.main(["--database", db, "--folds-file", folds, *FAST, "--parallel", "folds", "--out", out])
-    tdist.destroy_process_group()
+    assert not tdist.is_initialized()  # the run's end destroyed its process group
 
 
 def test_fold_parallel_with_a_slow_rank_equals_sequential(tiny_db, tmp_path):
@@ -135,7 +133,7 @@ def _nan_worker(rank: int, world: int, port: int, db: str, folds: str, out: str)
     except UserError as err:
         message = str(err)
     Path(out + f".rank{rank}").write_text(json.dumps({"message": message, "seconds": time.monotonic() - started}))
-    tdist.destroy_process_group()
+    tdist.destroy_process_group()  # a failed run leaves its group to the process's exit
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tiny_db, tmp_path):

@@ -160,15 +160,15 @@ def test_save_minutes_zero_writes_after_every_epoch(rdb, tmp_path, monkeypatch):
 _INTERRUPTED_WRITER = r"""
 import os, signal, sys, threading, torch
 sys.path.insert(0, {repo!r})
-from kdoiqa.common import INTERRUPT_HINT, atomic_torch_save, run_cli
+from kdoiqa.common import atomic_torch_save, interrupt_hint, run_cli
 real_save = torch.save
 def slow_save(obj, handle, *args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while torch's zip writer is writing
     return real_save(obj, handle, *args, **kwargs)
 torch.save = slow_save
 def main():
-    INTERRUPT_HINT.append("python teacher_train.py --resume --out RUN")
-    atomic_torch_save({{"blob": torch.zeros(2_000_000)}}, {target!r})
+    with interrupt_hint("python teacher_train.py --resume --out RUN"):
+        atomic_torch_save({{"blob": torch.zeros(2_000_000)}}, {target!r})
 run_cli(main)
 """
 
