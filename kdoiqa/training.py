@@ -66,6 +66,11 @@ def start_run(settings: TrainingSettings, db: Database, *, folds: FoldSet | None
     run_dir = Path(run_cfg.out) if run_cfg.out else Path("runs") / settings.script / (run_key or database_key(db)) / name
     check_run_dir(run_dir, resume=run_cfg.resume)
     amp = engine.resolve_amp(runtime.amp, device)
+    if settings.distill is None:
+        engine.check_amp_input(amp, device, settings.data.face_size, f"--face-size {settings.data.face_size}")
+    else:
+        width, height = settings.data.erp_size
+        engine.check_amp_input(amp, device, width, f"--erp-size {width}x{height}")
     record = run_record(settings, db, folds, device, test_db)
     record["amp_used"] = amp
     run = Run(settings, db, folds, fold_ids, run_dir, device, test_db, record)
