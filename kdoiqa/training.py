@@ -318,44 +318,46 @@ def train_epochs(run: Run, k: int, state: FoldState, store: ImageStore, test_sto
     bar = tqdm(range(state.start_epoch, epochs + 1), desc=f"fold {k}", unit="epoch", disable=not run.progress,
                dynamic_ncols=True, initial=state.start_epoch - 1, total=epochs)
     last_save = time.monotonic()
-    with deferred_interrupts("stopping after this epoch, its state saved for --resume"):
-        for epoch in bar:
-            started = time.perf_counter()
-            factor = engine.lr_factor(settings.optim.lr_schedule, epoch, epochs)
-            for group in state.optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            step = state.step[state.method.nets_in_use(epoch)]
-            scalars = engine.train_one_epoch(state.method, step, store, train_images, state.optimizer,
-                                             state.grad_scaler, state.autocast, state.scale, settings.optim.batch_size,
-                                             epoch, engine.epoch_generator(settings.optim.seed, k, epoch))
-            # Under --parallel batch every rank stops at the same epoch: a non-finite loss or a Ctrl-C on any.
-            not_finite, stop = DIST.any_rank([not all(math.isfinite(v) for v in scalars.values()),
-                                              interrupt_pending()], run.device)
-            if not_finite:
-                raise UserError(f"fold {k} epoch {epoch}: the training loss is not finite"
-                                f"{' on some process' if DIST.data_parallel else ''}; lower --lr or use --amp none")
-            record = {"fold": k, "epoch": epoch, **scalars, "lr": settings.optim.lr * factor,
-                      "epoch_seconds": time.perf_counter() - started}
-            record.update(evaluate_epoch(run, k, state, epoch, store, test_store, val_images))
-            state.history.append(record)
-            if writer is not None:
-                run.log(k, record)
-                for name, value in record.items():
-                    if name not in ("fold", "epoch") and isinstance(value, (int, float)):
-                        writer.add_scalar(name, value, epoch)
-                writer.flush()
-                if stop or (epoch < epochs and _save_due(settings.run, epoch, last_save)):
-                    _save_resume_state(run, k, state, epoch)
-                    last_save = time.monotonic()
-            bar.set_postfix(loss=f"{record['train_loss']:.4g}", srcc=f"{record.get('test_srcc', float('nan')):.3f}")
-            if not run.progress and (DIST.is_main or DIST.mode == "folds"):
-                print(_epoch_line(k, epoch, epochs, record), flush=True)
-            if stop:
-                DIST.stop_together(None if DIST.data_parallel else STOP_WAIT_SECONDS)
-                raise KeyboardInterrupt
-    bar.close()
-    if writer is not None:
-        writer.close()
+    try:  # the writer's thread closed also when a fold stops with an error or Ctrl-C
+        with deferred_interrupts("stopping after this epoch, its state saved for --resume"):
+            for epoch in bar:
+                started = time.perf_counter()
+                factor = engine.lr_factor(settings.optim.lr_schedule, epoch, epochs)
+                for group in state.optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+                step = state.step[state.method.nets_in_use(epoch)]
+                scalars = engine.train_one_epoch(state.method, step, store, train_images, state.optimizer,
+                                                 state.grad_scaler, state.autocast, state.scale, settings.optim.batch_size,
+                                                 epoch, engine.epoch_generator(settings.optim.seed, k, epoch))
+                # Under --parallel batch every rank stops at the same epoch: a non-finite loss or a Ctrl-C on any.
+                not_finite, stop = DIST.any_rank([not all(math.isfinite(v) for v in scalars.values()),
+                                                  interrupt_pending()], run.device)
+                if not_finite:
+                    raise UserError(f"fold {k} epoch {epoch}: the training loss is not finite"
+                                    f"{' on some process' if DIST.data_parallel else ''}; lower --lr or use --amp none")
+                record = {"fold": k, "epoch": epoch, **scalars, "lr": settings.optim.lr * factor,
+                          "epoch_seconds": time.perf_counter() - started}
+                record.update(evaluate_epoch(run, k, state, epoch, store, test_store, val_images))
+                state.history.append(record)
+                if writer is not None:
+                    run.log(k, record)
+                    for name, value in record.items():
+                        if name not in ("fold", "epoch") and isinstance(value, (int, float)):
+                            writer.add_scalar(name, value, epoch)
+                    writer.flush()
+                    if stop or (epoch < epochs and _save_due(settings.run, epoch, last_save)):
+                        _save_resume_state(run, k, state, epoch)
+                        last_save = time.monotonic()
+                bar.set_postfix(loss=f"{record['train_loss']:.4g}", srcc=f"{record.get('test_srcc', float('nan')):.3f}")
+                if not run.progress and (DIST.is_main or DIST.mode == "folds"):
+                    print(_epoch_line(k, epoch, epochs, record), flush=True)
+                if stop:
+                    DIST.stop_together(None if DIST.data_parallel else STOP_WAIT_SECONDS)
+                    raise KeyboardInterrupt
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
 
 
 STOP_WAIT_SECONDS = 20.0  # --parallel folds: how long a stopping process waits for the others' saves

@@ -254,3 +254,28 @@ def test_feature_extraction_sets_tf32_inside_only(tiny_db, tmp_path, monkeypatch
     # TF32 as asked, cuDNN autotuning (no determinism asked), the environment untouched
     assert [s[:4] for s in inside] == [(True, False, False, False), (True, False, True, True)]
     assert [s[6] for s in inside] == [":16:8", ":16:8"]
+
+
+def test_a_fold_stopped_by_an_error_closes_its_tensorboard_writer(tiny_db, tmp_path, monkeypatch):
+    """The writer's thread ends with the fold, also when the fold stops with an error (else it writes on into a
+    folder the failed run may remove)."""
+    import teacher_train
+    from kdoiqa import engine, training
+
+    closed = []
+
+    class Writer:
+        def add_scalar(self, *a, **k):
+            pass
+
+        def flush(self):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(training, "_summary_writer", lambda run, k: Writer())
+    monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: {"train_loss": float("nan")})
+    with pytest.raises(UserError, match="not finite"):
+        teacher_train.main(["--database", str(tiny_db), *FAST, "--out", str(tmp_path / "run")])
+    assert closed == [True]
