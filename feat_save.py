@@ -29,10 +29,11 @@ def main(argv: list[str] | None = None) -> None:
         stages.save_authors_features(args.database, args.data_root, args.from_authors, args.features_dir,
                                      hint=cli.authors_features_hint(args.database, args.data_root, args.features_dir))
         return
-    stages.save_teacher_features(args.database, args.data_root, args.run, args.features_dir,
-                                 data=cli.data_settings(args), runtime=cli.inference_runtime(args),
-                                 batch_size=args.batch_size, fold=args.fold, explicit=explicit,
-                                 hint=cli.features_hint(args.database, args.data_root, args.features_dir, args.fold))
+    data, runtime = cli.data_settings(args), cli.inference_runtime(args)
+    hint = cli.features_hint(args.database, args.data_root, args.features_dir, args.fold)
+    stages.write_teacher_features(stages.database_evaluation(args.database, args.data_root), args.run,
+                                  args.features_dir, data=data, runtime=runtime, batch_size=args.batch_size,
+                                  fold=args.fold, explicit=explicit, hint=hint)
 
 
 if __name__ == "__main__":

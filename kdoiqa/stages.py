@@ -1,9 +1,13 @@
 """The pipeline's stages as functions: what each script does, callable by reproduce.py and the
 cross-database matrix as well (scripts never import scripts).
 
-    train_teacher(settings)          teacher_train.py / teacher_crossdb_train.py
-    save_teacher_features(...)       feat_save.py / crossdb_feat.py (and --from-authors)
-    train_student(settings)          mask_train.py / crossdb_train.py
+    train_teacher(settings)              teacher_train.py / teacher_crossdb_train.py
+    write_teacher_features(evaluation)   feat_save.py / crossdb_feat.py (save_authors_features: --from-authors)
+    train_student(settings)              mask_train.py / crossdb_train.py
+
+A cross-database pair runs through the same functions as a database's folds: it is a fold set of one
+split (pairs.Evaluation), and what differs (its feature file, the fold a file records, the split it
+fixes, the scripts named in messages) is data of that value, not another copy of a stage.
 
 A stage prints the `next:` hint the command-line layer gives it (`hint`, a function of what the stage made:
 the run, or the teacher run's record); without one it prints none.
@@ -43,15 +47,13 @@ from kdoiqa.folds import AUTHORS_FILE, FoldSet, default_folds_path, load_folds, 
 from kdoiqa.image_store import ImageStore
 from kdoiqa.methods import student_method, teacher_method
 from kdoiqa.models.backbone import prepare_model
-from kdoiqa.pairs import CrossPair, load_pair
+from kdoiqa.pairs import CROSS_TEACHER, TEACHER, Evaluation, load_pair, portable_database, portable_root
 from kdoiqa.runs import Run, check_resumed_run, latest_finished_run, project_folders, read_run_record
 from kdoiqa.settings import PROTOCOLS, DataSettings, RuntimeSettings, TrainingSettings
 from kdoiqa.teacher_features import (
-    CROSS_FILE,
     authors_fold_dirs,
-    crossdb_feat_command,
-    default_features_dir,
     feat_save_command,
+    features_folder,
     fold_feature_path,
     load_features,
     load_teacher_features,
@@ -61,11 +63,30 @@ from kdoiqa.teacher_features import (
 )
 from kdoiqa.training import precision, start_run, train_folds
 
-TEACHER, CROSS_TEACHER = "teacher_train", "teacher_crossdb_train"
+CROSS_SCRIPTS = (CROSS_TEACHER, "crossdb_train")
 
 
-def _pair(settings: TrainingSettings) -> CrossPair:
-    return load_pair(settings.run.database_train, settings.run.database_test, settings.run.data_root)
+def database_evaluation(database: str, data_root: str | None) -> Evaluation:
+    """A database's folds, as the stages take them (the database loaded and checked)."""
+    return Evaluation.of_database(_load_database(database, data_root), database, data_root)
+
+
+def pair_evaluation(train: str, test: str, data_root: str | None) -> Evaluation:
+    """A cross-database pair (all of A -> all of B), as the stages take it: a fold set of one split."""
+    return Evaluation.of_pair(load_pair(train, test, data_root), data_root)
+
+
+def _evaluation(settings: TrainingSettings) -> Evaluation:
+    run_cfg = settings.run
+    if settings.script in CROSS_SCRIPTS:
+        return pair_evaluation(run_cfg.database_train, run_cfg.database_test, run_cfg.data_root)
+    return database_evaluation(run_cfg.database, run_cfg.data_root)
+
+
+def _announce(evaluation: Evaluation) -> None:
+    """After a run's header: a pair's runs say how its score directions are reconciled."""
+    if evaluation.pair is not None and DIST.is_main:
+        print(evaluation.pair.direction_note(), flush=True)
 
 
 def _next(hint: Callable[[Any], str] | None, made: Any) -> None:
@@ -77,15 +98,6 @@ def _next(hint: Callable[[Any], str] | None, made: Any) -> None:
 def _command(script: str, *words: object) -> str:
     """`python <script> word ...`, each word quoted for a POSIX shell: a hint that works when pasted."""
     return shlex.join(["python", script, *(str(w) for w in words)])
-
-
-def _portable_database(database: str) -> str:
-    """--database as a command stored for later use gives it: a folder as an absolute path, a name as it is."""
-    return str(Path(database).resolve()) if Path(database).is_dir() else database
-
-
-def _portable_root(data_root: str | None) -> str | None:
-    return str(Path(data_root).resolve()) if data_root else None
 
 
 def _load_database(database: str, data_root: str | None, *, check_files: bool = True) -> Database:
@@ -136,25 +148,20 @@ def _refuse_split_flags(folds: FoldSet, db: Database, settings: TrainingSettings
 @DIST.scoped  # the run's launch and process group: set up by start_run, undone on return
 def train_teacher(settings: TrainingSettings, explicit: frozenset[str] = frozenset(), *,
                   hint: Callable[[Run], str] | None = None) -> Run:
-    """k-fold teacher on one database, or (cross-database settings) on all of A tested on all of B.
-    `explicit`: the flags given on the command line (one that cannot apply is refused); `hint`: the `next:`
+    """k-fold teacher on one database, or (cross-database settings) on all of A tested on all of B: the pair's one
+    split. `explicit`: the flags given on the command line (one that cannot apply is refused); `hint`: the `next:`
     line, from the run."""
-    if settings.script == CROSS_TEACHER:
-        pair = _pair(settings)
-        run = start_run(settings, pair.train, folds=pair.folds(), test_db=pair.test, run_key=pair.key)
-        if DIST.is_main:
-            print(pair.direction_note(), flush=True)
-        train_folds(run, lambda fold, split: teacher_method(settings.model))
-        _next(hint, run)
-        return run
-    db = _load_database(settings.run.database, settings.run.data_root)
-    run_cfg = settings.run
-    folds = resolve_folds(db, run_cfg.folds_file, k=run_cfg.folds, split_seed=run_cfg.split_seed,
-                          prefer_authors=settings.protocol == "paper")
-    _refuse_split_flags(folds, db, settings, explicit, "the split this teacher trains on (--protocol paper takes the "
-                        "authors' folds when the database has them)", "drop the flag, or pass --folds-file")
-    check_resumed_run(settings, db, folds)
-    run = start_run(settings, db, folds=folds)
+    evaluation = _evaluation(settings)
+    db, folds = evaluation.train, evaluation.fixed_folds()
+    if folds is None:  # the database's split, as the flags (and the protocol) choose it
+        run_cfg = settings.run
+        folds = resolve_folds(db, run_cfg.folds_file, k=run_cfg.folds, split_seed=run_cfg.split_seed,
+                              prefer_authors=settings.protocol == "paper")
+        _refuse_split_flags(folds, db, settings, explicit, "the split this teacher trains on (--protocol paper takes "
+                            "the authors' folds when the database has them)", "drop the flag, or pass --folds-file")
+        check_resumed_run(settings, db, folds)
+    run = start_run(settings, db, folds=folds, test_db=evaluation.test, run_key=evaluation.key)
+    _announce(evaluation)
     train_folds(run, lambda fold, split: teacher_method(settings.model))
     _next(hint, run)
     return run
@@ -234,42 +241,68 @@ def _teacher_features(checkpoint: tuple[dict, Path], store: ImageStore, batch_si
     return feats, path
 
 
-def save_teacher_features(database: str, data_root: str | None, run_dir: str | None, features_dir: str | None, *,
-                          data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32,
-                          fold: int | None = None, explicit: frozenset[str] = frozenset(),
-                          hint: Callable[[dict], str] | None = None) -> list[Path]:
-    """feat_save.py: each fold's teacher features of every image of the database (every fold of the run, which must
-    all have finished, or `fold`). `explicit`: the flags given on the command line (face flags must be the
-    teacher's; --erp-size cannot apply); `hint`: the `next:` line, from the teacher run's record (its args.json)."""
-    db = _load_database(database, data_root)
-    key = database_key(db)
-    run = Path(run_dir) if run_dir else find_teacher_run(
-        TEACHER, key, db.name, _command("teacher_train.py", "--database", database), near=(db.root,))
-    record = read_run_record(run, TEACHER)
-    if record["database"]["key"] != key:
-        raise UserError(f"{run}: a teacher of {record['database']['key']} ({record['database']['root']}), not of "
-                        f"{key} ({db.root})")
-    _refuse_teacher_mismatch(explicit, data, record, run)
-    folds_path = _folds_file(record["folds"]["path"], db)
-    folds = load_folds(folds_path, db)
-    if folds.digest() != record["folds"]["sha256"]:
-        raise UserError(f"{folds_path}: changed since the teacher run {run} was trained; retrain the teacher")
+def _refuse_other_teacher(evaluation: Evaluation, record: dict, run: Path) -> None:
+    """A teacher run given with --run must be of this database (or pair): its features are of its images."""
+    trained_on = record["database"]["key"]
+    pair = evaluation.pair
+    if pair is None:
+        if trained_on != evaluation.key:
+            raise UserError(f"{run}: a teacher of {trained_on} ({record['database']['root']}), not of "
+                            f"{evaluation.key} ({evaluation.train.root})")
+        return
+    if trained_on != database_key(pair.train):
+        raise UserError(f"{run}: a teacher trained on {trained_on}, not on {database_key(pair.train)}")
+    if (record.get("test_database") or {}).get("key") != database_key(pair.test):
+        raise UserError(f"{run}: a teacher of the pair {trained_on} -> "
+                        f"{(record.get('test_database') or {}).get('key')}, not {pair.key}")
+
+
+def _teacher_run_split(evaluation: Evaluation, run: Path, record: dict, fold: int | None,
+                       resume: str) -> tuple[FoldSet, Path | None, list[int]]:
+    """The split of a teacher run's features, the fold file it was read from, and the folds to extract. A pair's
+    split is its one split (its checkpoint says whether it finished); a database's is the one the run recorded,
+    unchanged since, and every fold the run planned must have finished (else `fold` alone is extracted)."""
+    folds, folds_path = evaluation.fixed_folds(), None
+    if folds is None:
+        folds_path = _folds_file(record["folds"]["path"], evaluation.train)
+        folds = load_folds(folds_path, evaluation.train)
+        if folds.digest() != record["folds"]["sha256"]:
+            raise UserError(f"{folds_path}: changed since the teacher run {run} was trained; retrain the teacher")
     if fold is not None and not 0 <= fold < len(folds):
         raise UserError(f"--fold {fold} is out of range: folds 0..{len(folds) - 1}")
-    resume = _command("teacher_train.py", "--resume", "--out", run)
     planned = [record["settings"]["run"]["fold"]] if record["settings"]["run"].get("fold") is not None \
         else list(range(len(folds)))
     finished = finished_folds(run)
     unfinished = [k for k in planned if k not in finished]
-    if fold is None and unfinished:
+    if fold is None and unfinished and folds_path is not None:  # a database's split (a pair's: its checkpoint's check)
         done = [k for k in planned if k in finished]
         only = f", or make the finished folds' features with --fold {done[0]}" + (" (one at a time)" if len(done) > 1
                                                                                   else "") if done else ""
         raise UserError(f"{run}: fold{'s' if len(unfinished) > 1 else ''} {', '.join(map(str, unfinished))} of this "
                         f"teacher {'have' if len(unfinished) > 1 else 'has'} not finished training, and a student needs "
                         f"every fold's features; finish it with `{resume}`{only}")
-    fold_ids = [fold] if fold is not None else planned
-    out_dir = Path(features_dir) if features_dir else default_features_dir(key)
+    return folds, folds_path, [fold] if fold is not None else planned
+
+
+def write_teacher_features(evaluation: Evaluation, run_dir: str | None, features_dir: str | None, *,
+                           data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32,
+                           fold: int | None = None, explicit: frozenset[str] = frozenset(),
+                           hint: Callable[[dict], str] | None = None) -> list[Path]:
+    """feat_save.py / crossdb_feat.py: a teacher run's features of every image of the database it trained on, one
+    file per fold (every fold of the run, which must all have finished, or `fold`); a pair's one split, one
+    `CROSS_FILE`. `run_dir` None: the latest finished teacher run of the database (or pair). `explicit`: the flags
+    given on the command line (face flags must be the teacher's; --erp-size cannot apply); `hint`: the `next:`
+    line, from the teacher run's record (its args.json)."""
+    db, script = evaluation.train, evaluation.teacher_script
+    run = Path(run_dir) if run_dir else find_teacher_run(
+        script, evaluation.key, evaluation.name, _command(f"{script}.py", *evaluation.database_words()),
+        near=evaluation.roots)
+    record = read_run_record(run, script)
+    _refuse_other_teacher(evaluation, record, run)
+    _refuse_teacher_mismatch(explicit, data, record, run)
+    resume = _command(f"{script}.py", "--resume", "--out", run)
+    folds, folds_path, fold_ids = _teacher_run_split(evaluation, run, record, fold, resume)
+    out_dir = evaluation.features_dir(features_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: is a file, expected a folder for the feature cache")
     checkpoints = {k: _teacher_checkpoint(run, k, resume) for k in fold_ids}
@@ -277,23 +310,33 @@ def save_teacher_features(database: str, data_root: str | None, run_dir: str | N
     device = resolve_device(runtime.device)
     store = _teacher_store(db, record, data, device, runtime.progress)
     # Stored in the feature files, so that it works from any working folder.
-    rebuild = feat_save_command(_portable_database(database), run.resolve(),
-                                Path(features_dir).resolve() if features_dir else None,
-                                data_root=_portable_root(data_root))
+    rebuild = evaluation.features_command(run.resolve(), Path(features_dir).resolve() if features_dir else None,
+                                          portable=True)
     written = []
     for k in fold_ids:
         feats, ckpt = _teacher_features(checkpoints[k], store, batch_size, _feature_precision(runtime, record), device,
                                         runtime.progress, k)
-        out = fold_feature_path(out_dir, k)
-        save_features(out, db=db, names=store.images, feats=feats, fold=k, test_images=folds.folds[k].test,
-                      folds_sha256=folds.digest(), face_size=store.data.face_size, rebuild=rebuild,
-                      provenance={"kind": "teacher run", "teacher_run": str(run.resolve()), "teacher_checkpoint": ckpt,
-                                  "teacher_checkpoint_sha256": sha256_file(ckpt), "protocol": record.get("protocol"),
-                                  "folds_path": str(folds_path.resolve())})
-        print(f"wrote {out} ({feats.shape[0]} x {feats.shape[1]})", flush=True)
+        out = evaluation.feature_path(out_dir, k)
+        provenance = {"kind": "teacher run", "teacher_run": str(run.resolve()), "teacher_checkpoint": ckpt,
+                      "teacher_checkpoint_sha256": sha256_file(ckpt), "protocol": record.get("protocol")}
+        if folds_path is not None:
+            provenance["folds_path"] = str(folds_path.resolve())
+        save_features(out, db=db, names=store.images, feats=feats, fold=evaluation.feature_fold(k),
+                      test_images=folds.folds[k].test, folds_sha256=folds.digest(), face_size=store.data.face_size,
+                      rebuild=rebuild, provenance=provenance)
+        print(f"wrote {out} ({evaluation.feature_rows(feats.shape[0])} x {feats.shape[1]})", flush=True)
         written.append(out)
     _next(hint, record)
     return written
+
+
+def save_teacher_features(database: str, data_root: str | None, run_dir: str | None, features_dir: str | None, *,
+                          data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32,
+                          fold: int | None = None, explicit: frozenset[str] = frozenset(),
+                          hint: Callable[[dict], str] | None = None) -> list[Path]:
+    """`write_teacher_features` of a database's folds, called by its name (the pipeline runner's entry point)."""
+    return write_teacher_features(database_evaluation(database, data_root), run_dir, features_dir, data=data,
+                                  runtime=runtime, batch_size=batch_size, fold=fold, explicit=explicit, hint=hint)
 
 
 def save_authors_features(database: str, data_root: str | None, folder: str, features_dir: str | None, *,
@@ -308,9 +351,9 @@ def save_authors_features(database: str, data_root: str | None, folder: str, fea
                         f"`python dataset.py folds --database {database} --authors DIR` (DIR: the folder of their "
                         f"<DB>_trainc_k.csv / _testc_k.csv)")
     folds = load_folds(authors, db)
-    out_dir = Path(features_dir) if features_dir else default_features_dir(database_key(db))
-    rebuild = feat_save_command(_portable_database(database), features_dir=Path(features_dir).resolve() if features_dir
-                                else None, from_authors=Path(folder).resolve(), data_root=_portable_root(data_root))
+    out_dir = features_folder(database_key(db), features_dir)
+    rebuild = feat_save_command(portable_database(database), features_dir=Path(features_dir).resolve() if features_dir
+                                else None, from_authors=Path(folder).resolve(), data_root=portable_root(data_root))
     sources = authors_fold_dirs(Path(folder), db, len(folds))
     read = [read_authors_fold(source, db) for source in sources]
     written = []
@@ -329,39 +372,10 @@ def save_authors_features(database: str, data_root: str | None, folder: str, fea
 def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir: str | None, features_dir: str | None,
                           *, data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32,
                           explicit: frozenset[str] = frozenset(), hint: Callable[[dict], str] | None = None) -> Path:
-    """crossdb_feat.py: the features of all of A from the cross-database teacher A -> B. `explicit`: the flags
-    given on the command line (face flags must be the teacher's); `hint`: the `next:` line, from the teacher run's
-    record."""
-    pair = load_pair(train, test, data_root)
-    run = Path(run_dir) if run_dir else find_teacher_run(
-        CROSS_TEACHER, pair.key, f"{pair.train.name} -> {pair.test.name}",
-        _command("teacher_crossdb_train.py", "--database-train", train, "--database-test", test),
-        near=(pair.train.root, pair.test.root))
-    record = read_run_record(run, CROSS_TEACHER)
-    _refuse_teacher_mismatch(explicit, data, record, run)
-    if record["database"]["key"] != database_key(pair.train):
-        raise UserError(f"{run}: a teacher trained on {record['database']['key']}, not on {database_key(pair.train)}")
-    if (record.get("test_database") or {}).get("key") != database_key(pair.test):
-        raise UserError(f"{run}: a teacher of the pair {record['database']['key']} -> "
-                        f"{(record.get('test_database') or {}).get('key')}, not {pair.key}")
-    out_dir = Path(features_dir) if features_dir else default_features_dir(pair.key)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: is a file, expected a folder for the feature cache")
-    checkpoint = _teacher_checkpoint(run, 0, _command(f"{CROSS_TEACHER}.py", "--resume", "--out", run))
-    device = resolve_device(runtime.device)
-    store = _teacher_store(pair.train, record, data, device, runtime.progress)
-    feats, ckpt = _teacher_features(checkpoint, store, batch_size, _feature_precision(runtime, record), device,
-                                    runtime.progress, 0)
-    out = out_dir / CROSS_FILE
-    save_features(out, db=pair.train, names=pair.train.images, feats=feats, fold=None, test_images=pair.test.images,
-                  folds_sha256=pair.folds().digest(), face_size=store.data.face_size,
-                  rebuild=crossdb_feat_command(_portable_database(train), _portable_database(test), run.resolve(),
-                                               Path(features_dir).resolve() if features_dir else None),
-                  provenance={"kind": "teacher run", "teacher_run": str(run.resolve()), "teacher_checkpoint": ckpt,
-                              "teacher_checkpoint_sha256": sha256_file(ckpt), "protocol": record.get("protocol")})
-    print(f"wrote {out} ({feats.shape[0]} images of {pair.train.name} x {feats.shape[1]})", flush=True)
-    _next(hint, record)
-    return out
+    """`write_teacher_features` of a pair (its one `CROSS_FILE`), called by its name (the pipeline runner's entry
+    point)."""
+    return write_teacher_features(pair_evaluation(train, test, data_root), run_dir, features_dir, data=data,
+                                  runtime=runtime, batch_size=batch_size, explicit=explicit, hint=hint)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,48 +384,54 @@ def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir:
 @DIST.scoped  # the run's launch and process group: set up by start_run, undone on return
 def train_student(settings: TrainingSettings, explicit: frozenset[str] = frozenset(), *,
                   hint: Callable[[Run], str] | None = None) -> Run:
-    """The ERP student (--kd mask|feature|none) on one database, or on all of A tested on all of B.
-    `explicit`: the flags given on the command line (a split flag the teacher's split overrides is refused);
-    `hint`: the `next:` line, from the run."""
-    if settings.script == "crossdb_train":
-        run = _train_cross_student(settings)
-        _next(hint, run)
-        return run
-    distill, database = settings.distill, settings.run.database
-    db = _load_database(database, settings.run.data_root)
-    features_dir = Path(distill.features_dir) if distill.features_dir else default_features_dir(database_key(db))
-    rebuild = feat_save_command(database, features_dir=distill.features_dir)  # the latest teacher's features, there
-    sources: dict[int, dict] = {}
-    if distill.kd != "none":
-        # The student uses the teacher's split: its feature of a test image comes from a teacher that never
-        # trained on it. Any fold's file tells the split; an out-of-range --fold is refused by start_run.
-        peek = settings.run.fold if settings.run.fold is not None and fold_feature_path(features_dir, settings.run.fold).is_file() else 0
-        _features_exist(fold_feature_path(features_dir, peek), features_dir, db, rebuild)
-        teacher = peek_features(fold_feature_path(features_dir, peek), rebuild)
-        folds = load_folds(settings.run.folds_file or _folds_file(teacher["provenance"]["folds_path"], db), db)
-        _refuse_split_flags(folds, db, settings, explicit, f"the split of the teacher features in {features_dir}",
-                            "a distilled student trains on its teacher's split: drop the flag, or make features of "
-                            "a teacher trained on that split")
-        if "face_size" in explicit and teacher.get("face_size") not in (None, settings.data.face_size):
-            raise UserError(f"--face-size {settings.data.face_size}: the teacher features in {features_dir} come from "
-                            f"{teacher['face_size']}-px faces; drop --face-size (the student sees the ERP image), or "
-                            f"make features of a {settings.data.face_size}-px teacher")
-        _note_protocols(settings, teacher)
-    else:
-        folds = _baseline_split(settings, db, features_dir, explicit)
-    check_resumed_run(settings, db, folds)
+    """The ERP student (--kd mask|feature|none) on one database, or on all of A tested on all of B (the pair's one
+    split). `explicit`: the flags given on the command line (a split flag the teacher's split overrides is
+    refused); `hint`: the `next:` line, from the run."""
+    distill = settings.distill
+    evaluation = _evaluation(settings)
+    db = evaluation.train
+    features_dir = evaluation.features_dir(distill.features_dir)
+    rebuild = evaluation.features_command(features_dir=distill.features_dir)  # the latest teacher's features, there
+    folds = evaluation.fixed_folds()
+    if folds is None:  # a database's split: the teacher's (read from its features), or the baseline's
+        folds = (_split_of_features(settings, db, features_dir, rebuild, explicit) if distill.kd != "none"
+                 else _baseline_split(settings, db, features_dir, explicit))
+        check_resumed_run(settings, db, folds)
     run_folds = [settings.run.fold] if settings.run.fold is not None and 0 <= settings.run.fold < len(folds) else range(len(folds))
-    features = {}
+    features: dict[int, dict[str, torch.Tensor]] = {}
+    sources: dict[int, dict] = {}
     for k in ([] if distill.kd == "none" else run_folds):  # every fold's cache checked before any training starts
-        features[k], sources[k] = load_teacher_features(fold_feature_path(features_dir, k), db, fold=k,
-                                                        test_images=folds.folds[k].test, rebuild_hint=rebuild)
-    run = start_run(settings, db, folds=folds)
-    run.record["teacher_features"] = _teachers_of_run(run, sources, TEACHER, database_key(db)) \
+        features[k], sources[k] = load_teacher_features(evaluation.feature_path(features_dir, k), db,
+                                                        fold=evaluation.feature_fold(k), test_images=folds.folds[k].test,
+                                                        rebuild_hint=rebuild)
+    run = start_run(settings, db, folds=folds, test_db=evaluation.test, run_key=evaluation.key)
+    run.record["teacher_features"] = _teachers_of_run(run, sources, evaluation.teacher_script, evaluation.key) \
         if distill.kd != "none" else None
+    _announce(evaluation)
     train_folds(run, lambda fold, split: student_method(settings.model, distill),
                 features_for_fold=features.get if features else None)
     _next(hint, run)
     return run
+
+
+def _split_of_features(settings: TrainingSettings, db: Database, features_dir: Path, rebuild: str,
+                       explicit: frozenset[str]) -> FoldSet:
+    """A distilled student's split: its teacher's, so that its feature of a test image comes from a teacher that
+    never trained on it. Any fold's file tells the split; an out-of-range --fold is refused by start_run."""
+    fold = settings.run.fold
+    peek = fold if fold is not None and fold_feature_path(features_dir, fold).is_file() else 0
+    _features_exist(fold_feature_path(features_dir, peek), features_dir, db, rebuild)
+    teacher = peek_features(fold_feature_path(features_dir, peek), rebuild)
+    folds = load_folds(settings.run.folds_file or _folds_file(teacher["provenance"]["folds_path"], db), db)
+    _refuse_split_flags(folds, db, settings, explicit, f"the split of the teacher features in {features_dir}",
+                        "a distilled student trains on its teacher's split: drop the flag, or make features of "
+                        "a teacher trained on that split")
+    if "face_size" in explicit and teacher.get("face_size") not in (None, settings.data.face_size):
+        raise UserError(f"--face-size {settings.data.face_size}: the teacher features in {features_dir} come from "
+                        f"{teacher['face_size']}-px faces; drop --face-size (the student sees the ERP image), or "
+                        f"make features of a {settings.data.face_size}-px teacher")
+    _note_protocols(settings, teacher)
+    return folds
 
 
 def _features_exist(path: Path, features_dir: Path, db: Database, hint: str) -> None:
@@ -532,26 +552,6 @@ def _note_split_against_features(folds: FoldSet, features_dir: Path) -> None:
               f"of the two is not paired", file=sys.stderr, flush=True)
 
 
-def _train_cross_student(settings: TrainingSettings) -> Run:
-    distill = settings.distill
-    pair = _pair(settings)
-    features = None
-    if distill.kd != "none":
-        # Checked before the run folder exists: a refusal leaves nothing behind.
-        features_dir = Path(distill.features_dir) if distill.features_dir else default_features_dir(pair.key)
-        hint = crossdb_feat_command(pair.train_arg, pair.test_arg, features_dir=distill.features_dir)
-        features, source = load_teacher_features(features_dir / CROSS_FILE, pair.train, fold=None,
-                                                 test_images=pair.test.images, rebuild_hint=hint)
-    run = start_run(settings, pair.train, folds=pair.folds(), test_db=pair.test, run_key=pair.key)
-    run.record["teacher_features"] = _teachers_of_run(run, {0: source}, CROSS_TEACHER, pair.key) \
-        if features is not None else None
-    if DIST.is_main:
-        print(pair.direction_note(), flush=True)
-    train_folds(run, lambda fold, split: student_method(settings.model, distill),
-                features_for_fold=(lambda fold: features) if features is not None else None)
-    return run
-
-
 # ----------------------------------------------------------------------------------------------
 # A training in a fixed folder (reproduce.py, the cross-database matrix).
 
@@ -567,15 +567,14 @@ def features_up_to_date(teacher_dir: Path, features_dir: Path, data_root: str | 
     """Whether `features_dir` holds valid features of the teacher run `teacher_dir` (every fold's, or the
     pair's `all.pt`): what reproduce.py and the matrix skip."""
     try:
-        if pair is not None:
-            cross = load_pair(pair[0], pair[1], data_root)
-            load_features(features_dir / CROSS_FILE, cross.train, fold=None, test_images=cross.test.images,
-                          rebuild_hint="")
-            return True
-        db = load_database(database, data_root)
-        folds = load_folds(read_run_record(teacher_dir, TEACHER)["folds"]["path"], db)
+        evaluation = (pair_evaluation(pair[0], pair[1], data_root) if pair is not None
+                      else Evaluation.of_database(load_database(database, data_root), database, data_root))
+        folds = evaluation.fixed_folds()
+        if folds is None:
+            folds = load_folds(read_run_record(teacher_dir, TEACHER)["folds"]["path"], evaluation.train)
         for k, fold in enumerate(folds.folds):
-            load_features(fold_feature_path(features_dir, k), db, fold=k, test_images=fold.test, rebuild_hint="")
+            load_features(evaluation.feature_path(features_dir, k), evaluation.train, fold=evaluation.feature_fold(k),
+                          test_images=fold.test, rebuild_hint="")
         return True
     except UserError:
         return False

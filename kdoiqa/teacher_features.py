@@ -31,9 +31,10 @@ def fold_feature_path(features_dir: str | Path, fold: int) -> Path:
     return Path(features_dir) / f"fold{fold}.pt"
 
 
-def default_features_dir(key: str) -> Path:
-    """`features/<database key>` (cross-database: `features/<A>-to-<B>`)."""
-    return Path("features") / key
+def features_folder(key: str, given: str | os.PathLike | None = None) -> Path:
+    """The teacher-feature folder: `given` (--features-dir), else `features/<key>` (the database key, or a
+    cross-database pair's `<A>-to-<B>`), relative to the working folder. The one place that default is made."""
+    return Path(given) if given else Path("features") / key
 
 
 def images_digest(images: Sequence[str]) -> str:

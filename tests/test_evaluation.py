@@ -1,0 +1,97 @@
+"""One stage for a database's folds and for a cross-database pair: the pair is a one-split fold set
+(train = all of A, test = all of B), its differences (the feature file's name, its fold, the labels)
+carried by `pairs.Evaluation`; the default feature folder is one rule."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_db
+
+import teacher_crossdb_train
+import teacher_train
+from kdoiqa import stages
+from kdoiqa.databases import load_database
+from kdoiqa.settings import DataSettings, RuntimeSettings
+from kdoiqa.teacher_features import features_folder
+
+FAST = ["--no-pretrained", "--workers", "0", "--no-progress", "--face-size", "16", "--batch-size", "4", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def dbs(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("evaluation")
+    return {"A": make_tiny_db(work / "EvalA", contents=4, levels=3, seed=5),
+            "B": make_tiny_db(work / "EvalB", contents=2, levels=3, seed=6)}
+
+
+def test_the_default_feature_folder_is_one_rule(dbs):
+    assert features_folder("OIQA-0123abcd", None) == Path("features") / "OIQA-0123abcd"
+    assert features_folder("OIQA-0123abcd", "elsewhere/feats") == Path("elsewhere/feats")
+    within = stages.database_evaluation(str(dbs["A"]), None)
+    pair = stages.pair_evaluation(str(dbs["A"]), str(dbs["B"]), None)
+    a, b = load_database(dbs["A"]), load_database(dbs["B"])
+    assert within.features_dir(None) == Path("features") / within.key
+    assert pair.features_dir(None) == Path("features") / f"{within.key}-to-{pair.key.split('-to-')[1]}"
+    assert pair.key.startswith(f"{a.name}-") and pair.key.split("-to-")[1].startswith(f"{b.name}-")
+    assert pair.features_dir("given") == within.features_dir("given") == Path("given")
+
+
+def test_a_pair_is_a_one_split_fold_set(dbs):
+    a, b = load_database(dbs["A"]), load_database(dbs["B"])
+    pair = stages.pair_evaluation(str(dbs["A"]), str(dbs["B"]), None)
+    folds = pair.fixed_folds()
+    assert folds is not None and len(folds) == 1
+    assert sorted(folds.folds[0].train) == sorted(a.images) and folds.folds[0].test == b.images
+    assert pair.train.root == a.root and pair.test is not None and pair.test.root == b.root
+    assert pair.feature_path(Path("d"), 0) == Path("d") / "all.pt" and pair.feature_fold(0) is None
+    assert pair.teacher_script == "teacher_crossdb_train" and pair.name == f"{a.name} -> {b.name}"
+    within = stages.database_evaluation(str(dbs["A"]), None)
+    assert within.fixed_folds() is None and within.test is None
+    assert within.feature_path(Path("d"), 2) == Path("d") / "fold2.pt" and within.feature_fold(2) == 2
+    assert within.teacher_script == "teacher_train" and within.name == a.name
+
+
+def _record(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def test_one_feature_stage_writes_folds_and_pairs(dbs, tmp_path, capsys):
+    a, b = load_database(dbs["A"]), load_database(dbs["B"])
+    within_run, pair_run = tmp_path / "teacher", tmp_path / "cross_teacher"
+    teacher_train.main(["--database", str(dbs["A"]), "--folds", "2", "--out", str(within_run), *FAST])
+    teacher_crossdb_train.main(["--database-train", str(dbs["A"]), "--database-test", str(dbs["B"]),
+                                "--out", str(pair_run), *FAST])
+    capsys.readouterr()
+    data, runtime = DataSettings(workers=0), RuntimeSettings(progress=False)
+    pair = stages.pair_evaluation(str(dbs["A"]), str(dbs["B"]), None)
+    written = stages.write_teacher_features(pair, str(pair_run), str(tmp_path / "pf"), data=data, runtime=runtime)
+    assert written == [tmp_path / "pf" / "all.pt"]
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'pf' / 'all.pt'} (12 images of EvalA x 512)\n"
+    record = _record(written[0])
+    assert record["fold"] is None and record["names"] == a.images and record["feats"].shape == (12, 512)
+    assert record["test_images_sha256"] == hashlib.sha256("\n".join(sorted(b.images)).encode()).hexdigest()
+    assert "folds_path" not in record["provenance"] and record["face_size"] == 16
+    assert record["rebuild"].startswith("python crossdb_feat.py --database-train ")
+
+    within = stages.database_evaluation(str(dbs["A"]), None)
+    written = stages.write_teacher_features(within, str(within_run), str(tmp_path / "wf"), data=data, runtime=runtime)
+    assert written == [tmp_path / "wf" / "fold0.pt", tmp_path / "wf" / "fold1.pt"]
+    assert capsys.readouterr().out == "".join(f"wrote {p} (12 x 512)\n" for p in written)
+    for k, path in enumerate(written):
+        record = _record(path)
+        assert record["fold"] == k and record["names"] == a.images
+        assert Path(record["provenance"]["folds_path"]).name == "k2_seed2023.json"
+        assert record["rebuild"].startswith("python feat_save.py --database ")
+
+    # The entry points of the orchestrators, with their old signatures, are the same stage.
+    assert stages.save_crossdb_features(str(dbs["A"]), str(dbs["B"]), None, str(pair_run), str(tmp_path / "pf2"),
+                                        data=data, runtime=runtime) == tmp_path / "pf2" / "all.pt"
+    assert torch.equal(_record(tmp_path / "pf2" / "all.pt")["feats"], _record(tmp_path / "pf" / "all.pt")["feats"])
+    assert stages.save_teacher_features(str(dbs["A"]), None, str(within_run), str(tmp_path / "wf2"), data=data,
+                                        runtime=runtime, fold=1) == [tmp_path / "wf2" / "fold1.pt"]
+    assert stages.features_up_to_date(pair_run, tmp_path / "pf", None, pair=(str(dbs["A"]), str(dbs["B"])))
+    assert stages.features_up_to_date(within_run, tmp_path / "wf", None, database=str(dbs["A"]))
+    assert not stages.features_up_to_date(within_run, tmp_path / "wf2", None, database=str(dbs["A"]))
