@@ -4,12 +4,14 @@ carried by `pairs.Evaluation`; the default feature folder is one rule."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny_db
 
+import crossdb_train
 import teacher_crossdb_train
 import teacher_train
 from kdoiqa import stages
@@ -58,12 +60,19 @@ def _record(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def test_one_feature_stage_writes_folds_and_pairs(dbs, tmp_path, capsys):
-    a, b = load_database(dbs["A"]), load_database(dbs["B"])
-    within_run, pair_run = tmp_path / "teacher", tmp_path / "cross_teacher"
+@pytest.fixture(scope="module")
+def teachers(dbs, tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("teachers")
+    within_run, pair_run = work / "teacher", work / "cross_teacher"
     teacher_train.main(["--database", str(dbs["A"]), "--folds", "2", "--out", str(within_run), *FAST])
     teacher_crossdb_train.main(["--database-train", str(dbs["A"]), "--database-test", str(dbs["B"]),
                                 "--out", str(pair_run), *FAST])
+    return {"within": within_run, "pair": pair_run}
+
+
+def test_one_feature_stage_writes_folds_and_pairs(dbs, teachers, tmp_path, capsys):
+    a, b = load_database(dbs["A"]), load_database(dbs["B"])
+    within_run, pair_run = teachers["within"], teachers["pair"]
     capsys.readouterr()
     data, runtime = DataSettings(workers=0), RuntimeSettings(progress=False)
     pair = stages.pair_evaluation(str(dbs["A"]), str(dbs["B"]), None)
@@ -95,3 +104,23 @@ def test_one_feature_stage_writes_folds_and_pairs(dbs, tmp_path, capsys):
     assert stages.features_up_to_date(pair_run, tmp_path / "pf", None, pair=(str(dbs["A"]), str(dbs["B"])))
     assert stages.features_up_to_date(within_run, tmp_path / "wf", None, database=str(dbs["A"]))
     assert not stages.features_up_to_date(within_run, tmp_path / "wf2", None, database=str(dbs["A"]))
+
+
+def test_a_pair_student_finds_its_features_in_the_default_folder(dbs, teachers, tmp_path, monkeypatch, capsys):
+    """The pair's features, written and read through the one stage pair with no --features-dir given: both take
+    features/<A>-to-<B>/all.pt of the working folder."""
+    monkeypatch.chdir(tmp_path)
+    pair = stages.pair_evaluation(str(dbs["A"]), str(dbs["B"]), None)
+    written = stages.write_teacher_features(pair, str(teachers["pair"]), None, data=DataSettings(workers=0),
+                                            runtime=RuntimeSettings(progress=False))
+    assert written == [Path("features") / pair.key / "all.pt"]
+    run = tmp_path / "student"
+    crossdb_train.main(["--database-train", str(dbs["A"]), "--database-test", str(dbs["B"]), "--out", str(run),
+                        "--epochs", "1", "--kd-warmup", "0", "--kd-feature-epochs", "0", *FAST[:-2],
+                        "--erp-size", "32x16"])
+    out = capsys.readouterr().out
+    args = json.loads((run / "args.json").read_text())
+    assert list(args["teacher_features"]) == ["0"]
+    assert args["teacher_features"]["0"]["features"] == str((tmp_path / written[0]).resolve())
+    assert args["teacher_features"]["0"]["teacher_run"] == str(teachers["pair"].resolve())
+    assert "scores of" not in out and "score directions agree" in out
