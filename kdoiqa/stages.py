@@ -77,6 +77,7 @@ def pair_evaluation(train: str, test: str, data_root: str | None) -> Evaluation:
 
 
 def _evaluation(settings: TrainingSettings) -> Evaluation:
+    """What a training script's settings train and test on: the pair of a cross-database script, else --database."""
     run_cfg = settings.run
     if settings.script in CROSS_SCRIPTS:
         return pair_evaluation(run_cfg.database_train, run_cfg.database_test, run_cfg.data_root)
