@@ -15,13 +15,13 @@ from kdoiqa.common import run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = cli.features_parser(__doc__, cross=True).parse_args(argv)
+    args, explicit = cli.parse(cli.features_parser(__doc__, cross=True), argv)
     cli.check_cross_values(args)
     data, runtime = cli.data_settings(args), cli.inference_runtime(args)
     hint = cli.features_hint(args.database_train, args.data_root, args.features_dir, test=args.database_test)
     stages.write_teacher_features(stages.pair_evaluation(args.database_train, args.database_test, args.data_root),
                                   args.run, args.features_dir, data=data, runtime=runtime, batch_size=args.batch_size,
-                                  hint=hint)
+                                  explicit=explicit, hint=hint)
 
 
 if __name__ == "__main__":

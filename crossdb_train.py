@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         with interrupt_hint(shlex.join(["python", "crossdb_train.py", *sys.argv[1:]])), DIST.scope():
             run_matrix(matrix, *cli.matrix_steps(args, explicit))
     else:
-        stages.train_student(cli.training_settings("crossdb_train", args, explicit))
+        settings = cli.training_settings("crossdb_train", args, explicit)
+        stages.train_student(settings, explicit, hint=cli.student_hint(settings))
 
 
 if __name__ == "__main__":

@@ -195,3 +195,19 @@ def test_matrix_writes_and_resumes(dbs, tmp_path, capsys):
     assert third.count("done, skipped") == 5 and "student: resuming" in third
     assert (victim / "results.csv").is_file()
     assert pd.read_csv(out / "matrix.csv").equals(matrix)
+
+
+def test_crossdb_feat_refuses_face_flags_that_are_not_the_teachers(dbs, tmp_path):
+    """As feat_save.py: the features come from the faces the teacher trained on; a --face-size of other faces,
+    or an --erp-size (the student's), is refused in one line instead of being ignored."""
+    pair = ["--database-train", str(dbs["A"]), "--database-test", str(dbs["B"])]
+    teacher = tmp_path / "teacher"
+    teacher_crossdb_train.main([*pair, "--epochs", "1", "--out", str(teacher), *FAST])
+    common = [*pair, "--run", str(teacher), "--features-dir", str(tmp_path / "f"), "--workers", "0", "--no-progress"]
+    with pytest.raises(UserError, match=r"--face-size 16: the teacher run .* was trained on 32-px faces"):
+        crossdb_feat.main([*common, "--face-size", "16"])
+    with pytest.raises(UserError, match="--erp-size does not apply to teacher features"):
+        crossdb_feat.main([*common, "--erp-size", "64x32"])
+    assert not (tmp_path / "f").exists()
+    crossdb_feat.main([*common, "--face-size", "32"])  # the teacher's own: accepted
+    assert (tmp_path / "f" / "all.pt").is_file()
