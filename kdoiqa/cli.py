@@ -651,7 +651,7 @@ def matrix_steps(args: argparse.Namespace, explicit: frozenset[str]) -> tuple[Ca
     """The matrix's training stage (each pair's teacher and student, with the user's explicit flags; the
     matrix sets each pair's databases, folder and features over them) and the `next:` hint after a pair's
     features."""
-    from kdoiqa import pipeline
+    from kdoiqa import pipeline  # here, not at the top: parsing a command line needs no torch
 
     passed = given_values(args, explicit)  # --matrix and --out are not a stage's: run_training sets its own folder
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdoiqa import stages
 from kdoiqa.distributed import DIST
 
 
@@ -121,23 +122,15 @@ def features_stage(experiment: Experiment, label: str, data_root: str | None, da
                    hint: Callable[[dict], str] | None = None) -> Stage:
     """The stage writing the teacher's features of `experiment` (skipped when they are up to date with the
     teacher run): `data`, `runtime` the feature extraction's settings, `hint` the `next:` line after them."""
-    from kdoiqa import stages
-
     teacher, features = experiment.teacher, experiment.features
     assert teacher is not None and features is not None, "an experiment without a teacher has no features stage"
 
     def run() -> str:
-        if experiment.cross:
-            pair = (experiment.where["database_train"], experiment.where["database_test"])
-            if stages.features_up_to_date(teacher, features, data_root, pair=pair):
-                return "done"
-            stages.save_crossdb_features(*pair, data_root, str(teacher), str(features), data=data, runtime=runtime,
-                                         hint=hint)
-        else:
-            database = experiment.where["database"]
-            if stages.features_up_to_date(teacher, features, data_root, database=database):
-                return "done"
-            stages.save_teacher_features(database, data_root, str(teacher), str(features), data=data,
-                                         runtime=runtime, hint=hint)
+        where = experiment.where
+        evaluation = (stages.pair_evaluation(where["database_train"], where["database_test"], data_root)
+                      if experiment.cross else stages.database_evaluation(where["database"], data_root))
+        if stages.features_up_to_date(evaluation, teacher, features):
+            return "done"
+        stages.write_teacher_features(evaluation, str(teacher), str(features), data=data, runtime=runtime, hint=hint)
         return "made"
     return Stage("cross-features" if experiment.cross else "features", label, run, ranks="main")

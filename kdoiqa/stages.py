@@ -331,15 +331,6 @@ def write_teacher_features(evaluation: Evaluation, run_dir: str | None, features
     return written
 
 
-def save_teacher_features(database: str, data_root: str | None, run_dir: str | None, features_dir: str | None, *,
-                          data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32,
-                          fold: int | None = None, explicit: frozenset[str] = frozenset(),
-                          hint: Callable[[dict], str] | None = None) -> list[Path]:
-    """`write_teacher_features` of a database's folds, called by its name (the pipeline runner's entry point)."""
-    return write_teacher_features(database_evaluation(database, data_root), run_dir, features_dir, data=data,
-                                  runtime=runtime, batch_size=batch_size, fold=fold, explicit=explicit, hint=hint)
-
-
 def save_authors_features(database: str, data_root: str | None, folder: str, features_dir: str | None, *,
                           folds_file: str | None = None, hint: Callable[[None], str] | None = None) -> list[Path]:
     """feat_save.py --from-authors: the authors' released features as our checked cache, on their folds
@@ -368,15 +359,6 @@ def save_authors_features(database: str, data_root: str | None, folder: str, fea
         written.append(out)
     _next(hint, None)
     return written
-
-
-def save_crossdb_features(train: str, test: str, data_root: str | None, run_dir: str | None, features_dir: str | None,
-                          *, data: DataSettings, runtime: RuntimeSettings, batch_size: int = 32,
-                          explicit: frozenset[str] = frozenset(), hint: Callable[[dict], str] | None = None) -> Path:
-    """`write_teacher_features` of a pair (its one `CROSS_FILE`), called by its name (the pipeline runner's entry
-    point)."""
-    return write_teacher_features(pair_evaluation(train, test, data_root), run_dir, features_dir, data=data,
-                                  runtime=runtime, batch_size=batch_size, explicit=explicit, hint=hint)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,13 +545,10 @@ def training_state(run_dir: Path) -> str:
     return "partial" if (run_dir / "args.json").is_file() else "new"
 
 
-def features_up_to_date(teacher_dir: Path, features_dir: Path, data_root: str | None, *, database: str | None = None,
-                        pair: tuple[str, str] | None = None) -> bool:
-    """Whether `features_dir` holds valid features of the teacher run `teacher_dir` (every fold's, or the
-    pair's `all.pt`): what reproduce.py and the matrix skip."""
+def features_up_to_date(evaluation: Evaluation, teacher_dir: Path, features_dir: Path) -> bool:
+    """Whether `features_dir` holds valid features of the teacher run `teacher_dir` for `evaluation` (every
+    fold's, or the pair's `all.pt`): what the pipeline runner skips."""
     try:
-        evaluation = (pair_evaluation(pair[0], pair[1], data_root) if pair is not None
-                      else Evaluation.of_database(load_database(database, data_root), database, data_root))
         folds = evaluation.fixed_folds()
         if folds is None:
             folds = load_folds(read_run_record(teacher_dir, TEACHER)["folds"]["path"], evaluation.train)

@@ -95,15 +95,20 @@ def test_one_feature_stage_writes_folds_and_pairs(dbs, teachers, tmp_path, capsy
         assert Path(record["provenance"]["folds_path"]).name == "k2_seed2023.json"
         assert record["rebuild"].startswith("python feat_save.py --database ")
 
-    # The entry points of the orchestrators, with their old signatures, are the same stage.
-    assert stages.save_crossdb_features(str(dbs["A"]), str(dbs["B"]), None, str(pair_run), str(tmp_path / "pf2"),
-                                        data=data, runtime=runtime) == tmp_path / "pf2" / "all.pt"
+    # The pipeline runner's features stage (reproduce.py, the matrix) is the same stage, skipped once done.
+    from kdoiqa import pipeline
+
+    experiment = pipeline.Experiment("[pair]", {"database_train": str(dbs["A"]), "database_test": str(dbs["B"])},
+                                     pair_run, tmp_path / "pf2")
+    stage = pipeline.features_stage(experiment, "features", None, data, runtime)
+    assert stage.run() == "made" and stage.run() == "done"
     assert torch.equal(_record(tmp_path / "pf2" / "all.pt")["feats"], _record(tmp_path / "pf" / "all.pt")["feats"])
-    assert stages.save_teacher_features(str(dbs["A"]), None, str(within_run), str(tmp_path / "wf2"), data=data,
-                                        runtime=runtime, fold=1) == [tmp_path / "wf2" / "fold1.pt"]
-    assert stages.features_up_to_date(pair_run, tmp_path / "pf", None, pair=(str(dbs["A"]), str(dbs["B"])))
-    assert stages.features_up_to_date(within_run, tmp_path / "wf", None, database=str(dbs["A"]))
-    assert not stages.features_up_to_date(within_run, tmp_path / "wf2", None, database=str(dbs["A"]))
+    assert stages.write_teacher_features(within, str(within_run), str(tmp_path / "wf2"), data=data, runtime=runtime,
+                                         fold=1) == [tmp_path / "wf2" / "fold1.pt"]
+    pair = stages.pair_evaluation(str(dbs["A"]), str(dbs["B"]), None)
+    assert stages.features_up_to_date(pair, pair_run, tmp_path / "pf")
+    assert stages.features_up_to_date(within, within_run, tmp_path / "wf")
+    assert not stages.features_up_to_date(within, within_run, tmp_path / "wf2")  # fold 0's file is missing
 
 
 def test_a_pair_student_finds_its_features_in_the_default_folder(dbs, teachers, tmp_path, monkeypatch, capsys):
