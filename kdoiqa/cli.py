@@ -83,34 +83,20 @@ class Parser(argparse.ArgumentParser):
     without parsing it twice, and reports a bad command line as a UserError (`run_cli` prints it as one
     line, exit code 2) instead of the usage block.
 
-    Each optional argument's default is kept aside (`declared_default`, shown by --help) and filled in
-    after parsing, so that what argparse set is exactly what the user gave."""
+    Before parsing, each optional argument's default is kept aside (`declared_default`, shown by --help) and
+    filled in after parsing, so that what argparse set is exactly what the user gave."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-
-    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
-        action = super().add_argument(*args, **kwargs)
-        _declare_default(action)
-        return action
-
-    def add_argument_group(self, *args: Any, **kwargs: Any) -> argparse._ArgumentGroup:
-        group = super().add_argument_group(*args, **kwargs)
-        add = group.add_argument
-
-        def add_argument(*a: Any, **k: Any) -> argparse.Action:
-            action = add(*a, **k)
-            _declare_default(action)
-            return action
-        group.add_argument = add_argument  # type: ignore[method-assign]
-        return group
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None):  # type: ignore[override]
         argv = list(sys.argv[1:] if args is None else args)
+        for action in self._actions:  # also those of parents and groups; once per action
+            _declare_default(action)
         parsed, rest = super().parse_known_args(self._normalise(argv), Parsed() if namespace is None else namespace)
         given = frozenset(vars(parsed))
         for action in self._actions:
