@@ -40,12 +40,10 @@ from kdoiqa.settings import (
     protocol_value,
     resume_free,
 )
-from kdoiqa.settings import at_least as _at_least
 from kdoiqa.settings import minutes as _minutes
 from kdoiqa.settings import non_negative as _non_negative
 from kdoiqa.settings import positive as _positive
 
-DEFAULT_DATABASE = SETTINGS["database"].command_default  # as the paper's scripts
 PAPER_SPELLINGS = {"--num_epochs": "--epochs", "--num-epochs": "--epochs", "--features": "--features-dir"}
 
 
@@ -163,11 +161,6 @@ non_negative = _argparse_type(_non_negative)
 minutes = _argparse_type(_minutes)
 
 
-def at_least(minimum: float, what: str, kind: type = int) -> Callable[[str], Any]:
-    """An argparse type: a number of `kind` (int or float) of at least `minimum`."""
-    return _argparse_type(_at_least(minimum, what, kind))
-
-
 def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -220,17 +213,11 @@ def settings_of(key: str) -> list[str]:
     return [name for name, s in SETTINGS.items() if s.flag.group == key]
 
 
-def flags_parser(*keys: str, student: bool = False, script: str = "", title: str | None = None,
-                 names: Sequence[str] | None = None) -> Parser:
-    """A parent parser of the settings groups `keys` (or of the settings `names`, under `title`)."""
+def flags_parser(*keys: str, student: bool = False, script: str = "") -> Parser:
+    """A parent parser of the settings groups `keys` (--help groups, in that order)."""
     p = Parser(add_help=False)
-    if names is not None:
-        g = p.add_argument_group(title)
-        for name in names:
-            add_setting(g, name, student=student, script=script)
-        return p
     for key in keys:
-        g = p.add_argument_group(title or GROUP_TITLES[key])
+        g = p.add_argument_group(GROUP_TITLES[key])
         for name in settings_of(key):
             add_setting(g, name, student=student, script=script)
     return p

@@ -352,12 +352,6 @@ SETTINGS: dict[str, Setting] = _registry()
 SCRIPT_DEFAULTS: dict[str, dict[str, Any]] = {"teacher_crossdb_train": {"epochs": 50}, "crossdb_train": {"epochs": 50}}
 
 
-def group_of(name: str) -> str | None:
-    """The settings group ("data", "run", ...) holding the setting `name` (None for --protocol)."""
-    cls = SETTINGS[name].group
-    return next((key for key, value in GROUPS.items() if value is cls), None)
-
-
 def resume_free(name: str) -> bool:
     """Whether a resumed run may change the setting `name` (it does not change what is trained)."""
     return name in SETTINGS and SETTINGS[name].flag.resume_free
